@@ -1,0 +1,170 @@
+"""The ``lctx`` command line: argument parsing only; every command calls into the package."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lctx import evals, models, patches, runner, toy
+
+app = typer.Typer(
+    help="Long-context extrapolation evaluation: patch a model's RoPE and measure it past its training "
+    "length.\n\nExample: lctx eval --model smollm2-135m --rope none,yarn:factor=4 --task ppl --lengths 4k,16k",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+app.add_typer(toy.toy_app, name="toy")
+
+# The default comparison: one variant per family (frequency, attention-level) against the model as trained,
+# at half, at and 1.5x SmolLM2's 8192-token training length; about 10 minutes on 2 CPU cores.
+DEFAULT_ROPES = ["none,yarn:factor=2,rerope"]
+DEFAULT_LENGTHS = "4k,8k,12k"
+
+
+@app.callback()
+def _root() -> None:
+    """Long-context extrapolation evaluation for HuggingFace decoders."""
+
+
+@app.command()
+def ropes(as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table")) -> None:
+    """List the RoPE variants, their parameters and defaults.
+
+    Example: lctx ropes --json
+    """
+    rows = []
+    for name in patches.variant_names():
+        variant = patches.REGISTRY[name]
+        rows.append({
+            "name": name,
+            "params": {p.name: p.default for p in variant.all_params},
+            "required": [p.name for p in variant.all_params if p.required],
+            "description": variant.description,
+            "reference": variant.reference,
+            "kind": variant.kind,
+            "aliases": list(variant.aliases),
+        })
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"RoPE variants  (spec grammar: {patches.GRAMMAR})")
+    for column in ("name", "parameters (default)", "description", "reference"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        params = ", ".join(
+            f"{k}={'required' if k in row['required'] else ('auto' if v is None else patches.format_value(v))}"
+            for k, v in row["params"].items()
+        )
+        name = row["name"] + (f" ({', '.join(row['aliases'])})" if row["aliases"] else "")
+        table.add_row(name, params, row["description"], row["reference"])
+    console.print(table)
+
+
+def _parsed(parse):
+    """A typer callback turning a parser's ValueError into a usage error naming the option."""
+
+    def callback(value):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+
+    return callback
+
+
+def _fail(err: Exception) -> typer.Exit:
+    console.print(f"[red]Error:[/] {err}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.command("eval")
+def eval_(
+    model: list[str] = typer.Option([models.DEFAULT_MODEL], "--model", "-m",
+                                    help="model: alias, local directory, .gguf file or hub id (repeatable)"),
+    rope: list[str] = typer.Option(DEFAULT_ROPES, "--rope", "-r",
+                                   help=f"RoPE specs, comma-separated, repeatable. Grammar: {patches.GRAMMAR}"),
+    task: list[str] = typer.Option(["ppl"], "--task", "-t", help="tasks, comma-separated, repeatable (ppl, "
+                                   "passkey, niah)"),
+    lengths: str = typer.Option(DEFAULT_LENGTHS, "--lengths", "-l", callback=_parsed(runner.parse_lengths),
+                                      help="context lengths: 4096, 4k (=4096), 1.5k, 12k; comma-separated"),
+    samples: int | None = typer.Option(None, "--samples", "-n", min=1,
+                                       help="documents per length (ppl, default 1) or trials per cell "
+                                       "(passkey/niah, default 5)"),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", callback=_parsed(runner.parse_depths),
+                               help="needle depths in [0, 1] (passkey, niah)"),
+    stride: int | None = typer.Option(None, "--stride", help="ppl: sliding-window mode with this stride"),
+    last_k: int = typer.Option(256, "--last-k", help="ppl: also report the loss on the last k positions"),
+    data_path: str | None = typer.Option(None, "--data", help="corpus: a .txt file, a directory of .txt files "
+                                         "or a .jsonl file (default: the Python reference manual, offline)"),
+    text_field: str = typer.Option("text", "--text-field", help="text field of --data .jsonl / --dataset"),
+    dataset: str | None = typer.Option(None, "--dataset", help="corpus from the hub: NAME[:config][:split]"),
+    needle: str | None = typer.Option(None, "--needle", help="niah: needle sentence containing {value}"),
+    question: str | None = typer.Option(None, "--question", help="niah: question (end it with an answer "
+                                        "prefix)"),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="results directory"),
+    force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded"),
+    shard: str | None = typer.Option(None, "--shard", callback=_parsed(runner.parse_shard),
+                                     help="run shard i of n (0 ≤ i < n), e.g. 0/4; shards write separate files"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    attn: str = typer.Option("sdpa", "--attn", help="attention implementation: sdpa, eager, flash_attention_2"),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto' to spread a large model over "
+                                          "the available devices (accelerate)"),
+    train_len: int | None = typer.Option(None, "--train-len", min=2,
+                                         help="override the model's training length"),
+    target_len: str | None = typer.Option(None, "--target-len", callback=_parsed(runner.parse_length),
+                                          help="length the variants scale for: factor = target / training "
+                                          "length where a spec gives none"),
+    seed: int = typer.Option(0, "--seed", help="seed for passkey/niah keys and filler offsets"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
+                                              help="passkey/niah: tokens to generate (default 8 / 12)"),
+) -> None:
+    """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes, resumable.
+
+    Example: lctx eval --rope none,yarn:factor=4,dynamic-ntk:factor=4 --task ppl,passkey --lengths 4k,12k
+    """
+    options = evals.EvalOptions(
+        models=model, ropes=rope, tasks=task, lengths=lengths, samples=samples, depths=depths, stride=stride,
+        last_k=last_k, data=data_path, text_field=text_field, dataset=dataset, needle=needle, question=question,
+        out=out, force=force, shard=shard, dtype=dtype, device=device, attn=attn, device_map=device_map,
+        train_len=train_len, target_len=target_len, seed=seed, max_new_tokens=max_new_tokens,
+        argv=["lctx", *sys.argv[1:]],
+    )
+    try:
+        code = runner.run(options, console)
+    except runner.USAGE_ERRORS as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted[/] before any cell was computed.")
+        raise typer.Exit(runner.EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+@app.command("results")
+def results_(
+    directory: Path = typer.Argument(Path("results"), help="results directory (lctx eval --out)"),
+    task: str | None = typer.Option(None, "--task", help="only this task"),
+    model: str | None = typer.Option(None, "--model", help="only this model"),
+    metric: str | None = typer.Option(None, "--metric", help="metric to tabulate (default: ppl or accuracy); "
+                                      "e.g. last_k_ppl, nll, seconds"),
+    by_depth: bool = typer.Option(False, "--by-depth", help="passkey/niah: one column per length and depth"),
+    csv: Path | None = typer.Option(None, "--csv", help="also write every cell as one CSV row"),
+) -> None:
+    """Print comparison tables (variants × lengths, per task and model) of the records in a directory.
+
+    Example: lctx results results/ --task ppl --metric last_k_ppl
+    """
+    try:
+        code = runner.show_results(directory, console, task=task, model=model, metric=metric,
+                                   by_depth=by_depth, csv=csv)
+    except runner.USAGE_ERRORS as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)

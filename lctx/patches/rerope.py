@@ -1,0 +1,303 @@
+"""The attention family: ReRoPE, Leaky ReRoPE and SelfExtend, exact and memory-linear, with cached decoding.
+
+Each variant maps the query–key distance r = i − j to an effective relative position: r itself inside the
+window (r < w), something bounded or compressed beyond it. Since R(a)q · R(b)k depends only on b − a, the far
+part is "query rotated at fq(i), key rotated at gk(j)" and the near part is ordinary RoPE, so each part is a
+plain attention over a band of keys. Both parts run per chunk of query rows through a kernel that also returns
+the log-sum-exp, and are merged exactly; no length × length score matrix exists, so memory grows linearly.
+
+While patched, the model's rotary module returns cos = 1, sin = 0: queries and keys reach attention (and the
+KV cache) unrotated, and attention rotates them itself, since one key needs two rotations (near and far).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lctx.patches import Param, SpecError, Variant, register
+from lctx.patches.arch import RopeInfo, override_attention, query_positions, rotary_modules
+from lctx.patches.logn import scale_query
+
+CHUNK_SIZE = 512  # query rows per kernel call: the scores held at once are CHUNK_SIZE × keys per head
+
+# fq(query positions) and gk(key positions) of the far part; gk = None means the key stays unrotated.
+FarPositions = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _rerope_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, Any]):
+    return torch.full_like(pos_q, p["window"]), None
+
+
+def _leaky_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, Any]):
+    w, k = p["window"], p["k"]
+    return pos_q / k + w * (1 - 1 / k), pos_k / k
+
+
+def _self_extend_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, Any]):
+    w, g = p["window"], p["group"]
+    return torch.div(pos_q, g, rounding_mode="floor") + (w - w // g), torch.div(pos_k, g, rounding_mode="floor")
+
+
+class _Rotation:
+    """The model's RoPE (its frequencies, cos/sin scale and rotary dimension), applied at arbitrary positions."""
+
+    def __init__(self, info: RopeInfo) -> None:
+        self.info = info
+        self.inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, squared_scale: bool = False) -> torch.Tensor:
+        """x (B, H, T, D) rotated at positions (B, T) as transformers' apply_rotary_pos_emb rotates it.
+
+        Written on halves (x1·cos − x2·sin, x2·cos + x1·sin) into one new tensor, without rotate_half's copies.
+        ``squared_scale`` puts the key's cos/sin scale on the query too, for keys left unrotated (position 0).
+        """
+        info = self.info
+        if x.device not in self.inv_freq:
+            self.inv_freq[x.device] = info.inv_freq.to(x.device)
+        freqs = positions[..., None].float() * self.inv_freq[x.device]
+        scale = info.attention_scaling ** (2 if squared_scale else 1)
+        cos = (freqs.cos() * scale).to(x.dtype)[:, None]
+        sin = (freqs.sin() * scale).to(x.dtype)[:, None]
+        half = info.rotary_dim // 2
+        x1, x2 = x[..., :half], x[..., half:2 * half]
+        out = torch.empty_like(x)
+        torch.mul(x1, cos, out=out[..., :half]).sub_(x2 * sin)
+        torch.mul(x2, cos, out=out[..., half:2 * half]).add_(x1 * sin)
+        out[..., 2 * half:] = x[..., 2 * half:]
+        return out
+
+
+MaskCache = dict[tuple, torch.Tensor]
+
+
+def _band_mask(user: torch.Tensor | None, rows: tuple[int, int], keys: tuple[int, int],
+               band: tuple[int, int] | None, like: torch.Tensor, cache: MaskCache) -> torch.Tensor | None:
+    """Additive mask for query slots ``rows`` against key slots ``keys``: open where r_min ≤ r < r_max.
+
+    Slots index the key axis (a query's own key slot is its row plus the cache offset), so r = row − key.
+    ``user`` is the model's mask cut to these rows and keys; ``band=None`` means every key is within the band.
+    The mask takes the dtype and device of ``like`` (the kernel wants the query's). Band-only masks depend on
+    the geometry alone and repeat from chunk to chunk, so they are cached.
+    """
+    dtype, device = like.dtype, like.device
+    low = torch.finfo(dtype).min  # not -inf: a row with no open key then gets lse ≈ min, weight 0 in the merge
+    if band is None:
+        if user is None:
+            return None
+        if user.dtype == torch.bool:
+            return torch.zeros(user.shape, dtype=dtype, device=device).masked_fill_(~user, low)
+        return user.to(dtype).clamp(min=low)
+    (a, b), (lo, hi), (r_min, r_max) = rows, keys, band
+    shape, shift = (b - a, hi - lo), a - lo  # r = shift + row − column
+    key = (shape, shift - r_min, shift - r_max + 1)
+    if key not in cache:
+        allowed = torch.ones(shape, dtype=torch.bool, device=device).tril_(shift - r_min)
+        cache[key] = allowed.triu_(shift - r_max + 1)
+    allowed = cache[key]
+    if user is None:
+        additive = (*key, dtype)
+        if additive not in cache:
+            cache[additive] = torch.zeros(shape, dtype=dtype, device=device).masked_fill_(~allowed, low)[None, None]
+        return cache[additive]
+    if user.dtype == torch.bool:
+        return torch.zeros(user.shape, dtype=dtype, device=device).masked_fill_(~(allowed & user), low)
+    return user.to(dtype).clamp(min=low).masked_fill(~allowed, low)
+
+
+def _segments(rows: tuple[int, int], keys: tuple[int, int],
+              band: tuple[int, int]) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
+    """Split key slots into runs every row sees whole (band ``None``: no band mask) and runs at the band edges.
+
+    Key t is open to every row in [a, b) iff t ≤ a − r_min and t ≥ b − r_max; only the edges need a mask.
+    """
+    (a, b), (lo, hi), (r_min, r_max) = rows, keys, band
+    dense_lo, dense_hi = max(lo, b - r_max), min(hi, a - r_min + 1)
+    if dense_lo >= dense_hi:
+        return [(keys, band)]
+    runs = [((lo, dense_lo), band), ((dense_lo, dense_hi), None), ((dense_hi, hi), band)]
+    return [(run, edge) for run, edge in runs if run[1] > run[0]]
+
+
+def _materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over one chunk with its scores in memory: for softcap and devices without a kernel."""
+    b, h, t, d = q.shape
+    groups = k.shape[1]
+    scores = (q.reshape(b, groups, -1, d) @ k.transpose(-1, -2)).float() * scale
+    scores = scores.view(b, groups, h // groups, t, -1)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask[:, :, None]
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse[..., None]).to(v.dtype).view(b, groups, -1, scores.shape[-1])
+    return (weights @ v).view(b, h, t, -1), lse.view(b, h, t)
+
+
+def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) with an additive mask: (output, log-sum-exp)."""
+    if softcap is None and q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p=0.0, is_causal=False, attn_mask=mask, scale=scale)
+        return out, lse
+    if softcap is None and q.device.type == "cuda":
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is not None:  # the kernel wants the bias row stride aligned to 16 elements, and all heads
+            width = -(-mask.shape[-1] // 16) * 16
+            aligned = mask.new_empty(*mask.shape[:-1], width)[..., : mask.shape[-1]]
+            mask = aligned.copy_(mask).expand(q.shape[0], q.shape[1], -1, -1)
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, dropout_p=0.0, is_causal=False, scale=scale)
+        return out, lse[..., : q.shape[2]]
+    return _materialized(q, k, v, mask, scale, softcap)
+
+
+def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+           lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over the union of two disjoint key sets, from each set's output and log-sum-exp (fp32)."""
+    lse = torch.logaddexp(lse1, lse2)
+    return torch.lerp(o1.float(), o2.float(), torch.exp(lse2 - lse)[..., None]), lse
+
+
+def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, user: torch.Tensor | None,
+                    rows: tuple[int, int], keys: tuple[int, int], band: tuple[int, int], scale: float,
+                    softcap: float | None, cache: MaskCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of query slots ``rows`` against key slots ``keys`` (k, v begin at slot ``start``), in ``band``."""
+    result = None
+    for (lo, hi), edge in _segments(rows, keys, band):
+        mask = _band_mask(None if user is None else user[..., lo:hi], rows, (lo, hi), edge, q, cache)
+        part = _partial_attention(q, k[:, :, lo - start:hi - start], v[:, :, lo - start:hi - start], mask, scale,
+                                  softcap)
+        result = part if result is None else _merge(*result, *part)
+    return result
+
+
+def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, *, rotate: _Rotation, far: FarPositions,
+                       params: Mapping[str, Any], scaling: float | None = None, softcap: float | None = None,
+                       sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention over unrotated q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D): RoPE inside the window, far beyond.
+
+    Keys are the whole cache, the queries its last Tq slots; key slot t sits at position
+    ``position_ids[:, -1] − (Tk − 1 − t)``, which holds for prefill, cached decoding and left padding.
+    Returns the output as (B, Tq, Hq, D), like transformers' attention functions, and no weights.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    offset = k_len - q_len
+    scale = scaling if scaling is not None else head_dim**-0.5
+    window = params["window"]
+    reach = sliding_window or k_len  # keys at distance ≥ reach are masked by the model itself
+    positions = query_positions(kwargs, query)
+    if params["logn"]:
+        query = scale_query(query, positions, rotate.info.train_len)
+    pos_k = positions[:, -1:] - (k_len - 1) + torch.arange(k_len, device=query.device)
+    pos_q = pos_k[:, offset:]
+
+    near_lo = max(0, offset - min(window, reach) + 1)  # the first key any query sees within the window
+    q_near = rotate(query, pos_q)
+    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:])
+    v_near = value[:, :, near_lo:]
+    far_lo, far_hi = max(0, offset - reach + 1), k_len - window if window < reach else 0
+    if far_hi > far_lo:
+        fq, gk = far(pos_q, pos_k[:, far_lo:far_hi], params)
+        q_far = rotate(query, fq, squared_scale=gk is None)
+        k_far = key[:, :, far_lo:far_hi] if gk is None else rotate(key[:, :, far_lo:far_hi], gk)
+        v_far = value[:, :, far_lo:far_hi]
+
+    out = query.new_empty(batch, q_len, heads, value.shape[-1])
+    cache: MaskCache = {}
+    for a in range(0, q_len, CHUNK_SIZE):
+        b = min(a + CHUNK_SIZE, q_len)
+        rows = (offset + a, offset + b)
+        user = None if attention_mask is None else attention_mask[:, :, a:b]
+        near = (max(near_lo, rows[0] - min(window, reach) + 1), rows[1])
+        result, lse = _band_attention(q_near[:, :, a:b], k_near, v_near, near_lo, user, rows, near,
+                                      (0, min(window, reach)), scale, softcap, cache)
+        far_keys = (max(far_lo, rows[0] - reach + 1), min(far_hi, rows[1] - window))
+        if far_keys[1] > far_keys[0]:
+            far_out, far_lse = _band_attention(q_far[:, :, a:b], k_far, v_far, far_lo, user, rows, far_keys,
+                                               (window, reach), scale, softcap, cache)
+            result, lse = _merge(result, lse, far_out, far_lse)
+        out[:, a:b] = result.transpose(1, 2)
+    return out, None
+
+
+@contextlib.contextmanager
+def unrotated(model: nn.Module) -> Iterator[None]:
+    """Make the rotary module return cos = 1, sin = 0 (same shapes and dtypes), so q and k pass unrotated."""
+    (rotary,) = rotary_modules(model)
+    saved = rotary.__dict__.get("forward")
+    original = rotary.forward
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        cos, sin = original(x, position_ids, *args, **kwargs)
+        return torch.ones_like(cos), torch.zeros_like(sin)
+
+    rotary.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del rotary.forward
+        else:
+            rotary.forward = saved
+
+
+def _patcher(far: FarPositions):
+    @contextlib.contextmanager
+    def patch(model: nn.Module, info: RopeInfo, params: Mapping[str, Any], seq_len: int | None) -> Iterator[None]:
+        rotate = _Rotation(info)
+
+        def hook(module, query, key, value, attention_mask, *, original, **kwargs):
+            return windowed_attention(module, query, key, value, attention_mask, rotate=rotate, far=far,
+                                      params=params, **kwargs)
+
+        with unrotated(model), override_attention(model, hook):
+            yield
+
+    return patch
+
+
+def _resolve_window(values: dict[str, Any], train_len: int) -> None:
+    if values.get("window") is None:
+        values["window"] = max(1, train_len // 4)
+
+
+def _validator(variant: str) -> Callable[[dict[str, Any]], None]:
+    def validate(values: dict[str, Any]) -> None:
+        for name, integer, meaning in (
+            ("window", True, "keys closer than the window keep plain RoPE"),
+            ("group", True, "far positions are divided by the group size; 1 reproduces plain RoPE"),
+            ("k", False, "far distances grow k times slower; 1 reproduces plain RoPE"),
+        ):
+            value = values.get(name)
+            if value is not None and (value < 1 or (integer and value != int(value))):
+                raise SpecError(f"{variant}: {name}={value} must be {'an integer ' if integer else ''}>= 1 "
+                                f"({meaning})")
+
+    return validate
+
+
+WINDOW = Param("window", int, None, "keys closer than this keep plain RoPE; default training length / 4")
+SU = "Su 2023, 'Rectified Rotary Position Embeddings', kexue.fm/archives/9708"
+
+for _name, _far, _description, _reference, _params in (
+    ("rerope", _rerope_far, "relative position capped at the window w: min(r, w)", SU, (WINDOW,)),
+    ("leaky-rerope", _leaky_far, "beyond the window w, relative position grows k times slower: w + (r − w)/k",
+     SU, (WINDOW, Param("k", float, 16.0, "slope divisor beyond the window (1 reproduces RoPE)"))),
+    ("self-extend", _self_extend_far,
+     "neighbour window w with plain RoPE; beyond it, grouped positions (⌊i/G⌋ + w − ⌊w/G⌋) − ⌊j/G⌋",
+     "Jin et al. 2024, 'LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning' (arXiv:2401.01325)",
+     (Param("group", int, 8, "group size G of the far positions (1 reproduces RoPE)"), WINDOW)),
+):
+    register(Variant(name=_name, description=_description, reference=_reference, params=_params,
+                     patch=_patcher(_far), kind="attention", length_dependent=False,
+                     resolve=_resolve_window, validate=_validator(_name)))

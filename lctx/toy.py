@@ -1,0 +1,242 @@
+"""Train-short/test-long lab: a byte-level Llama trained on CPU in minutes at a short context.
+
+Su's extrapolation experiments train a small RoPE model at length L and evaluate it at 4–8 L. Here the corpus
+is the Python reference manual shipped with CPython (``pydoc_data.topics``, so training needs no download),
+the tokenizer maps each byte to its own id (no vocabulary to learn, nothing to fetch), and every source of
+randomness comes from one seed, so a checkpoint can be rebuilt from the command recorded in its README.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS = "<s>", "</s>"
+VOCAB_SIZE = 258  # 256 bytes + bos + eos
+VAL_FRACTION = 0.1  # the last 10% of the corpus (~46 kB) is never trained on
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+console = Console(stderr=True)
+
+
+def corpus() -> tuple[str, str]:
+    """(train, validation) text: pydoc topics concatenated in sorted key order, the tail held out."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[key] for key in sorted(topics))
+    cut = int(len(text) * (1 - VAL_FRACTION))
+    return text[:cut], text[cut:]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character map, the alphabet of the ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer whose token id is the byte value (bos = 256, eos = 257), built offline.
+
+    It adds no special tokens: the model trains on windows cut anywhere in the byte stream, so evaluation
+    windows need no BOS either.
+    """
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    vocab |= {BOS: 256, EOS: 257}
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([BOS, EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   model_max_length=int(1e30))
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Architecture and optimisation settings; the defaults train the committed checkpoint's recipe."""
+
+    layers: int = 4
+    dim: int = 256
+    heads: int = 4
+    theta: float = 10000.0
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+
+    def model_config(self, context: int) -> LlamaConfig:
+        intermediate = -(-8 * self.dim // 3 // 16) * 16  # Llama's 8/3 · dim, rounded up to a multiple of 16
+        return LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=self.dim, intermediate_size=intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+            max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": self.theta},
+            tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=257,
+        )
+
+
+def command(context: int, out: Path | str, steps: int, seed: int, config: ToyConfig, save_dtype: str) -> str:
+    """The ``lctx toy train`` command line that reproduces a run (written to the checkpoint's README)."""
+    defaults = ToyConfig()
+    args = ["lctx", "toy", "train", "--context", str(context), "--out", str(out), "--steps", str(steps),
+            "--seed", str(seed)]
+    for name in ("layers", "dim", "heads", "theta", "batch_size", "lr", "warmup"):
+        value = getattr(config, name)
+        if value != getattr(defaults, name):
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    if save_dtype != "float32":
+        args += ["--save-dtype", save_dtype]
+    return shlex.join(args)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup to the peak, then cosine decay to 10% of it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _windows(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``length + 1`` tokens (inputs plus next-token targets)."""
+    count = (ids.numel() - 1) // length
+    return torch.stack([ids[i * length: i * length + length + 1] for i in range(count)])
+
+
+@torch.no_grad()
+def _val_loss(model: LlamaForCausalLM, ids: torch.Tensor, context: int) -> float:
+    windows = _windows(ids, context)
+    losses = [torch.nn.functional.cross_entropy(model(batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                                reduction="sum") for batch in windows.split(32)]
+    return (sum(losses) / (windows.shape[0] * context)).item()
+
+
+def train(context: int, out: Path | str, steps: int = 600, seed: int = 0, config: ToyConfig | None = None, *,
+          save_dtype: str = "float32", threads: int | None = None, progress: bool = True) -> Path:
+    """Train a byte-level Llama at ``context`` tokens on the pydoc corpus and save it as an HF directory.
+
+    Deterministic for a seed and thread count: initial weights from ``torch.manual_seed(seed)`` and batch
+    positions from a generator seeded with ``seed``. ``max_position_embeddings = context`` records the
+    training length that lctx reads. Returns the output directory.
+    """
+    config = config or ToyConfig()
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype {save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+    if context < 2 or steps < 1 or config.warmup < 1:
+        raise ValueError("context must be >= 2, steps and warmup >= 1")
+    out = Path(out)
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    tokenizer = byte_tokenizer()
+    train_text, val_text = corpus()
+    train_ids = torch.tensor(tokenizer(train_text, add_special_tokens=False).input_ids)
+    val_ids = torch.tensor(tokenizer(val_text, add_special_tokens=False).input_ids)
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config.model_config(context))
+    model.config._attn_implementation = "sdpa"
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.lr, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps, config.warmup))
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(context + 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"toy model: {n_params / 1e6:.2f}M parameters, {config.layers} layers, dim {config.dim}, "
+                  f"context {context}, {train_ids.numel():,} training bytes, {threads} threads")
+
+    start = time.perf_counter()
+    model.train()
+    columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"))
+        for _ in range(steps):
+            starts = torch.randint(0, train_ids.numel() - context - 1, (config.batch_size,), generator=generator)
+            batch = train_ids[starts[:, None] + offsets]
+            logits = model(batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.update(task, advance=1, loss=loss.item())
+    elapsed = time.perf_counter() - start
+
+    model.eval()
+    val_ppl = math.exp(_val_loss(model, val_ids, context))
+    console.print(f"trained {steps} steps in {elapsed:.0f} s; final train loss {loss.item():.3f}, "
+                  f"held-out PPL at {context} tokens: {val_ppl:.2f}")
+    model.to(SAVE_DTYPES[save_dtype]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(
+        f"# Toy byte-level RoPE model (context {context})\n\n"
+        f"A {n_params / 1e6:.2f}M-parameter Llama ({config.layers} layers, dim {config.dim}, {config.heads} heads, "
+        f"rope_theta {config.theta:g}) trained by lctx on `pydoc_data.topics` (the Python reference manual, "
+        f"topics in sorted key order, last {VAL_FRACTION:.0%} held out) at {context} tokens, one token per "
+        f"byte, no BOS. Weights saved as {save_dtype}.\n\n"
+        f"Reproduce ({threads} threads; the result is bit-identical for the same seed and thread count):\n\n"
+        f"```\n{command(context, out, steps, seed, config, save_dtype)}\n```\n\n"
+        f"- training time: {elapsed:.0f} s on {threads} CPU threads\n"
+        f"- final training loss: {loss.item():.3f}\n"
+        f"- held-out PPL at {context} tokens: {val_ppl:.2f}\n"
+    )
+    console.print(f"saved to {out}")
+    return out
+
+
+toy_app = typer.Typer(help="Train-short/test-long lab: small RoPE models trained on CPU in minutes.",
+                      no_args_is_help=True)
+
+
+@toy_app.callback()
+def _toy() -> None:
+    """Train-short/test-long lab: small RoPE models trained on CPU in minutes."""
+
+
+@toy_app.command("train")
+def train_command(
+    context: int = typer.Option(..., "--context", help="training length in tokens (bytes)"),
+    out: Path = typer.Option(..., "--out", help="output directory (an HF model directory lctx can load)"),
+    steps: int = typer.Option(600, "--steps", help="optimizer steps"),
+    seed: int = typer.Option(0, "--seed", help="seeds the initial weights and the data order"),
+    layers: int = typer.Option(ToyConfig.layers, "--layers"),
+    dim: int = typer.Option(ToyConfig.dim, "--dim", help="hidden size"),
+    heads: int = typer.Option(ToyConfig.heads, "--heads", help="attention heads (head dim = dim / heads)"),
+    theta: float = typer.Option(ToyConfig.theta, "--theta", help="rope_theta"),
+    batch_size: int = typer.Option(ToyConfig.batch_size, "--batch-size", help="windows per step"),
+    lr: float = typer.Option(ToyConfig.lr, "--lr", help="peak AdamW learning rate (cosine decay to 10%)"),
+    warmup: int = typer.Option(ToyConfig.warmup, "--warmup", help="linear warmup steps"),
+    save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, float16 or bfloat16"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads; 0 = all available"),
+) -> None:
+    """Train a byte-level Llama RoPE model at a short context on the offline pydoc corpus, then save it.
+
+    Evaluate it past its training length with `lctx eval --model DIR`.
+
+    Example: lctx toy train --context 128 --out toy-128 --steps 600 --seed 0
+    """
+    config = ToyConfig(layers=layers, dim=dim, heads=heads, theta=theta, batch_size=batch_size, lr=lr,
+                       warmup=warmup)
+    try:
+        train(context, out, steps, seed, config, save_dtype=save_dtype, threads=threads or None)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
