@@ -91,8 +91,8 @@ def eval_(
                                     help="model: alias, local directory, .gguf file or hub id (repeatable)"),
     rope: list[str] = typer.Option(DEFAULT_ROPES, "--rope", "-r",
                                    help=f"RoPE specs, comma-separated, repeatable. Grammar: {patches.GRAMMAR}"),
-    task: list[str] = typer.Option(["ppl"], "--task", "-t", help="tasks, comma-separated, repeatable (ppl, "
-                                   "passkey, niah)"),
+    task: list[str] = typer.Option(["ppl"], "--task", "-t", help="tasks, comma-separated, repeatable: "
+                                   + ", ".join(evals.task_names())),
     lengths: str = typer.Option(DEFAULT_LENGTHS, "--lengths", "-l", callback=_parsed(runner.parse_lengths),
                                       help="context lengths: 4096, 4k (=4096), 1.5k, 12k; comma-separated"),
     samples: int | None = typer.Option(None, "--samples", "-n", min=1,
@@ -125,7 +125,13 @@ def eval_(
                                           "length where a spec gives none"),
     seed: int = typer.Option(0, "--seed", help="seed for passkey/niah keys and filler offsets"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
-                                              help="passkey/niah: tokens to generate (default 8 / 12)"),
+                                              help="generation tasks: tokens to generate (default per task)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="task data files, e.g. LongBench's "
+                                         "<task>.jsonl files"),
+    chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template",
+                                       help="wrap generation prompts in the tokenizer's chat template"),
+    task_arg: list[str] = typer.Option([], "--task-arg", callback=_parsed(runner.parse_task_args),
+                                       help="KEY=VALUE option for the tasks that read KEY (repeatable)"),
 ) -> None:
     """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes, resumable.
 
@@ -136,7 +142,7 @@ def eval_(
         last_k=last_k, data=data_path, text_field=text_field, dataset=dataset, needle=needle, question=question,
         out=out, force=force, shard=shard, dtype=dtype, device=device, attn=attn, device_map=device_map,
         train_len=train_len, target_len=target_len, seed=seed, max_new_tokens=max_new_tokens,
-        argv=["lctx", *sys.argv[1:]],
+        data_dir=data_dir, chat_template=chat_template, task_args=task_arg, argv=["lctx", *sys.argv[1:]],
     )
     try:
         code = runner.run(options, console)

@@ -124,6 +124,17 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def parse_task_args(values: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items (repeatable ``--task-arg``) as a dict; a repeated key keeps its last value."""
+    parsed: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"invalid task argument {item!r}: use KEY=VALUE, e.g. --task-arg threshold=85.6")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
 # ---- measurement -------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,12 @@
 """Evaluation tasks behind one registry.
 
 A task is added by writing one module with a :class:`Task` subclass decorated with :func:`register`, and
-importing it at the bottom of this file. The runner (:mod:`lctx.runner`) owns everything around a task:
-cells, resume, sharding, timing, memory, OOM handling and records. A task says
+importing it at the bottom of this file. A family of tasks named ``family:member`` (``longbench:qasper``,
+``synthetic:niah-single``, ``lm-eval:hellaswag``) registers a factory with :func:`register_family` instead; it
+turns the member name into tasks (``longbench:all`` may expand to many).
+
+The runner (:mod:`lctx.runner`) owns everything around a task: cells, resume, sharding, timing, memory,
+OOM handling and records. A task says
 
 * which cells a run has (:meth:`Task.cells`: lengths, and depths for retrieval tasks) and which options
   belong in each cell's key (:meth:`Task.config`);
@@ -54,6 +58,9 @@ class EvalOptions:
     target_len: int | None = None
     seed: int = 0
     max_new_tokens: int | None = None
+    data_dir: Path | None = None  # task data files (LongBench: one <task>.jsonl per task)
+    chat_template: bool = False  # wrap generation prompts in the tokenizer's chat template
+    task_args: dict[str, str] = field(default_factory=dict)  # --task-arg KEY=VALUE, read by the tasks that know KEY
     argv: list[str] = field(default_factory=list)
 
 
@@ -150,6 +157,7 @@ class Task:
 
 
 TASKS: dict[str, Task] = {}
+FAMILIES: dict[str, tuple[Callable[[str], list[Task]], str]] = {}  # prefix -> (member name -> tasks, help)
 
 
 def register(cls: type[Task]) -> type[Task]:
@@ -160,14 +168,35 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def register_family(prefix: str, expand: Callable[[str], list[Task]], members: str) -> None:
+    """Register tasks named ``prefix:member``; ``expand`` raises TaskError naming the valid members."""
+    if prefix in FAMILIES or prefix in TASKS:
+        raise ValueError(f"task family {prefix!r} is registered twice")
+    FAMILIES[prefix] = (expand, members)
+
+
 def task_names() -> list[str]:
-    return sorted(TASKS)
+    """Every task name, families as ``prefix:<members>``, for help texts and error messages."""
+    return sorted(TASKS) + [f"{prefix}:<{members}>" for prefix, (_, members) in sorted(FAMILIES.items())]
+
+
+def expand(name: str) -> list[Task]:
+    """The tasks a name stands for: one registered task, or the members of a family."""
+    if name in TASKS:
+        return [TASKS[name]]
+    prefix, sep, member = name.partition(":")
+    if sep and prefix in FAMILIES:
+        if not member:
+            raise TaskError(f"task {name!r} names no member of {prefix!r}: use {prefix}:<{FAMILIES[prefix][1]}>")
+        return FAMILIES[prefix][0](member)
+    raise TaskError(f"unknown task {name!r}. Valid tasks: {', '.join(task_names())}")
 
 
 def get(name: str) -> Task:
-    if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}. Valid tasks: {', '.join(task_names())}")
-    return TASKS[name]
+    tasks = expand(name)
+    if len(tasks) != 1:
+        raise TaskError(f"task {name!r} stands for {len(tasks)} tasks; name one of them")
+    return tasks[0]
 
 
 def parse_tasks(values: str | list[str]) -> list[Task]:
@@ -179,9 +208,9 @@ def parse_tasks(values: str | list[str]) -> list[Task]:
             name = name.strip()
             if not name:
                 raise TaskError(f"empty task name in {item!r}. Valid tasks: {', '.join(task_names())}")
-            task = get(name)
-            if task not in tasks:
-                tasks.append(task)
+            for task in expand(name):
+                if task not in tasks:
+                    tasks.append(task)
     if not tasks:
         raise TaskError(f"no task given. Valid tasks: {', '.join(task_names())}")
     return tasks
