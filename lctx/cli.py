@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lctx import evals, models, patches, runner, toy
@@ -81,7 +82,7 @@ def _parsed(parse):
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]Error:[/] {err}", highlight=False)
+    console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False)  # messages quote user text: no markup
     return typer.Exit(2)
 
 
@@ -96,8 +97,8 @@ def eval_(
     lengths: str = typer.Option(DEFAULT_LENGTHS, "--lengths", "-l", callback=_parsed(runner.parse_lengths),
                                       help="context lengths: 4096, 4k (=4096), 1.5k, 12k; comma-separated"),
     samples: int | None = typer.Option(None, "--samples", "-n", min=1,
-                                       help="documents per length (ppl, default 1) or trials per cell "
-                                       "(passkey/niah, default 5)"),
+                                       help="documents per length (ppl, default 1), trials per cell "
+                                       "(passkey/niah, default 5) or examples per task (LongBench, default all)"),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", callback=_parsed(runner.parse_depths),
                                help="needle depths in [0, 1] (passkey, niah)"),
     stride: int | None = typer.Option(None, "--stride", help="ppl: sliding-window mode with this stride"),
@@ -130,19 +131,21 @@ def eval_(
                                          "<task>.jsonl files"),
     chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template",
                                        help="wrap generation prompts in the tokenizer's chat template"),
-    task_arg: list[str] = typer.Option([], "--task-arg", callback=_parsed(runner.parse_task_args),
+    task_arg: list[str] = typer.Option([], "--task-arg",
                                        help="KEY=VALUE option for the tasks that read KEY (repeatable)"),
 ) -> None:
     """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes, resumable.
 
     Example: lctx eval --rope none,yarn:factor=4,dynamic-ntk:factor=4 --task ppl,passkey --lengths 4k,12k
     """
+    # parsed here: a callback's dict would be turned back into a list (of its keys) by typer
+    task_args = _parsed(runner.parse_task_args)(task_arg)
     options = evals.EvalOptions(
         models=model, ropes=rope, tasks=task, lengths=lengths, samples=samples, depths=depths, stride=stride,
         last_k=last_k, data=data_path, text_field=text_field, dataset=dataset, needle=needle, question=question,
         out=out, force=force, shard=shard, dtype=dtype, device=device, attn=attn, device_map=device_map,
         train_len=train_len, target_len=target_len, seed=seed, max_new_tokens=max_new_tokens,
-        data_dir=data_dir, chat_template=chat_template, task_args=task_arg, argv=["lctx", *sys.argv[1:]],
+        data_dir=data_dir, chat_template=chat_template, task_args=task_args, argv=["lctx", *sys.argv[1:]],
     )
     try:
         code = runner.run(options, console)
@@ -172,5 +175,110 @@ def results_(
         code = runner.show_results(directory, console, task=task, model=model, metric=metric,
                                    by_depth=by_depth, csv=csv)
     except runner.USAGE_ERRORS as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)
+
+
+def _gate_tables(result, fail_on_missing: bool) -> None:
+    """Print the gate's verdict with its regressions and unmatched cells (the new ones abridged)."""
+    style = "green" if result.passed(fail_on_missing) else "red"
+    console.print(f"[{style}]Regression gate {result.verdict(fail_on_missing)}[/]", highlight=False)
+    header = ["task", "metric", "model", "variant", "length", "baseline", "current", "change"]
+    missing_header = ["task", "metric", "model", "variant", "length", "settings"]
+    lists = [("Regressions", header, result.rows(result.regressions), None),
+             ("In the baseline, missing from the results", missing_header,
+              result.missing_rows(result.missing_in_current), None),
+             ("New in the results (not in the baseline)", missing_header,
+              result.missing_rows(result.missing_in_baseline), 10)]
+    for title, columns, rows, limit in lists:
+        if not rows:
+            continue
+        shown = rows if limit is None else rows[:limit]
+        more = f" (first {len(shown)}; gate.md lists all)" if len(shown) < len(rows) else ""
+        table = Table(title=f"{title}: {len(rows)}{more}", title_justify="left")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in shown:
+            table.add_row(*map(escape, row))
+        console.print(table)
+
+
+@app.command("report")
+def report_(
+    directory: Path = typer.Argument(Path("results"), help="results directory (lctx eval --out)"),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="report directory: index.html, tables.md, "
+                             "tables.tex, tables/, figures/"),
+    baseline: Path | None = typer.Option(None, "--baseline", help="results directory to compare against: exit "
+                                         "status 1 when a cell regresses beyond --tolerance"),
+    tolerance: str = typer.Option("2%", "--tolerance", help="how much worse a cell may get before it counts as "
+                                  "a regression: 2% (of the baseline value) or 0.05 (absolute)"),
+    fail_on_missing: bool = typer.Option(False, "--fail-on-missing", help="also fail the gate when a baseline "
+                                         "cell is missing from the results"),
+    summary_md: Path | None = typer.Option(None, "--summary-md", help="also write a compact Markdown summary "
+                                           "here (e.g. $GITHUB_STEP_SUMMARY)"),
+    title: str | None = typer.Option(None, "--title", help="dashboard title (default: the results directory's "
+                                     "name)"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the figures (seconds each on a CPU); "
+                                 "--no-figures for tables, dashboard and gate only"),
+) -> None:
+    """Write tables (Markdown, CSV, LaTeX), figures (PNG, PDF, SVG) and a static index.html; gate on a baseline.
+
+    Example: lctx report results/ --out report/ --baseline base-results/ --tolerance 2% --summary-md summary.md
+    """
+    from lctx import report
+
+    try:
+        written = report.report(directory, out, baseline=baseline, tolerance=tolerance,
+                                fail_on_missing=fail_on_missing, summary_md=summary_md, title=title,
+                                figures=figures)
+    except (report.ReportError, ValueError) as err:
+        raise _fail(err) from None
+    console.print(f"Wrote {len(written.tables)} tables and {len(written.figures)} figure files to {written.out}/; "
+                  f"dashboard: {written.index}" + (f"; summary: {written.summary}" if written.summary else ""),
+                  highlight=False)
+    if written.gate is not None:
+        _gate_tables(written.gate, fail_on_missing)
+    raise typer.Exit(0 if written.passed else 1)
+
+
+@app.command("sweep")
+def sweep(
+    experiment: Path = typer.Argument(..., help="experiment file (TOML: name, description, models, ropes, tasks, "
+                                      "lengths and an options table); see experiments/"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="results directory (default: results/<name>/)"),
+    report_out: Path | None = typer.Option(None, "--report", help="report directory (default: report/<name>/)"),
+    force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded"),
+    shard: str | None = typer.Option(None, "--shard", callback=_parsed(runner.parse_shard),
+                                     help="run shard i of n (0 ≤ i < n), e.g. 0/4; shards write separate files"),
+) -> None:
+    """Run an experiment file's models × variants × tasks × lengths (resumable), then write its report.
+
+    Example: lctx sweep experiments/su-table.toml
+    """
+    from lctx.report import sweep as sweeps
+
+    try:
+        code = sweeps.run(experiment, out=out, report_out=report_out, force=force, shard=shard, console=console,
+                          argv=["lctx", *sys.argv[1:]])
+    except (sweeps.ExperimentError, *runner.USAGE_ERRORS) as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted[/] before any cell was computed.")
+        raise typer.Exit(runner.EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+@app.command("lm-eval", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_(ctx: typer.Context) -> None:
+    """Run lm-eval's own CLI, unchanged, with the lm-eval model `lctx` registered (any task, any RoPE variant).
+
+    Example: lctx lm-eval --model lctx --model_args pretrained=smollm2-135m,rope=yarn:factor=4 --tasks hellaswag
+    """
+    from lctx.evals import lm_eval_bridge
+
+    try:
+        code = lm_eval_bridge.cli(list(ctx.args))
+    except (lm_eval_bridge.ModelArgError, *runner.USAGE_ERRORS) as err:
         raise _fail(err) from None
     raise typer.Exit(code)

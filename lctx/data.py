@@ -54,11 +54,16 @@ class Corpus:
         return self._describe(max(1, samples))
 
     def encode(self, tokenizer, doc: Document, *, special: bool = True) -> list[int]:
-        """Token ids of a document (cached per tokenizer); ``special`` adds BOS/EOS as the tokenizer does."""
+        """Token ids of a document (cached per tokenizer); ``special`` adds BOS/EOS as the tokenizer does.
+
+        The cache entry keeps its tokenizer alive and is checked by identity: an ``id()`` alone can be reused
+        by the next model's tokenizer once the previous one is freed.
+        """
         key = (id(tokenizer), doc.name, len(doc.text), special)
-        if key not in self._cache:
-            self._cache[key] = encode(tokenizer, doc.text, special=special)
-        return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is None or cached[0] is not tokenizer:
+            cached = self._cache[key] = (tokenizer, encode(tokenizer, doc.text, special=special))
+        return cached[1]
 
 
 def encode(tokenizer, text: str, *, special: bool = True) -> list[int]:

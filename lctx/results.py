@@ -37,16 +37,20 @@ Record schema (``schema`` = 1)::
                                   bucket_edges (9 positions: bucket b is [edges[b], edges[b+1]))
                          passkey/niah: accuracy, ci_low, ci_high (Wilson 95%), correct, trials
     samples            per-sample values (ppl: one per document with sums; passkey/niah: one per trial
-                       with value, output, answer, correct, insert_at, depth_actual)
+                       with value, output, answer, correct, prompt_tokens, insert_at, depth_actual, and
+                       filler: offset of the filler (niah: in the haystack stream; also haystack_tokens,
+                       haystack_documents))
     data               where the text came from: ppl: id, description, documents, skipped_short,
                        samples_requested, samples_used, bos_added, bos_ids; passkey/niah: the prompt pieces
+                       (niah also the corpus id and description)
     seconds            wall time of the cell's compute (a shared perplexity forward counts once for each cell
                        it served: see shared_forward)
     peak_memory_bytes  CUDA: torch.cuda.max_memory_allocated during the cell (weights included);
                        CPU: peak growth of the process RSS over its value at the start of the cell
     memory_kind        cuda_max_allocated | cpu_rss_growth
     shared_forward     lengths computed together in one forward (ppl, length-independent variants), if any
-    finished_at        ISO-8601 UTC time the record was written
+    finished_at        ISO-8601 UTC time the record was written (milliseconds)
+    traceback          status error only: the end of the Python traceback
     lctx_version       version of lctx that wrote it
 """
 
@@ -151,6 +155,20 @@ HEADLINE = {"ppl": ("ppl", "last_k_ppl"), "passkey": ("accuracy",), "niah": ("ac
 ACCURACY_METRICS = {"accuracy", "ci_low", "ci_high"}
 
 
+def headline(task: str) -> tuple[str, ...]:
+    """Metrics a task's table shows: HEADLINE's, else the metric its registered task declares (task families such
+    as ``lm-eval:<task>`` are named at run time), else ppl."""
+    if task in HEADLINE:
+        return HEADLINE[task]
+    from lctx import evals
+
+    try:
+        tasks = evals.expand(task)
+    except evals.TaskError:  # records of a task this lctx does not know
+        return ("ppl",)
+    return (tasks[0].metric,) if len(tasks) == 1 else ("ppl",)
+
+
 def format_length(n: int) -> str:
     if n % 1024 == 0:
         return f"{n // 1024}k"
@@ -213,7 +231,7 @@ def tables(records: Iterable[dict[str, Any]], metric: str | None = None,
     group_cols = ["task", "model", "train_len", "dtype", "attn", "config"]
     for keys, group in df.groupby(group_cols, sort=False, dropna=False):
         task, model, train_len, dtype, attn, config = keys
-        for name in ([metric] if metric else HEADLINE.get(task, ("ppl",))):
+        for name in ([metric] if metric else headline(task)):
             if name not in group and name != "accuracy":
                 group = group.assign(**{name: float("nan")})  # e.g. every cell out of memory
             has_depth = group["depth"].notna().any()

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -397,7 +398,7 @@ def manifest(options: EvalOptions, run_id: str, the_plan: Plan, device: torch.de
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")  # orders --force rewrites
 
 
 # ---- running -----------------------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ class Runner:
         self.options = options
         self.console = console or Console()
         self.store = results.Store(options.out, options.shard)
-        self.run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        self.run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         self.summary = Summary()
         self._corpus: data.Corpus | None = None
 
@@ -502,7 +503,7 @@ class Runner:
             advance(-done_cost)
             if len(cells) > 1:
                 self.console.print(f"[yellow]{'out of memory' if oom else 'failed'} computing "
-                                   f"{unit.label(cells)} together; retrying one cell at a time[/]")
+                                   f"{escape(unit.label(cells))} together; retrying one cell at a time[/]")
                 for cell in cells:
                     self.execute(ctx, unit, [cell], advance)
                 return
@@ -511,8 +512,8 @@ class Runner:
             self.record(unit, cell, status=status, meter=meter, error=err, device=device,
                         trace=None if oom else trace)
             first_line = str(err).splitlines()[0][:200] if str(err) else ""
-            self.console.print(f"[{'yellow' if oom else 'red'}]✗ {status.upper()}[/] {unit.model} · "
-                               f"{unit.label([cell])}: {type(err).__name__}: {first_line}")
+            self.console.print(f"[{'yellow' if oom else 'red'}]✗ {status.upper()}[/] {escape(unit.model)} · "
+                               f"{escape(unit.label([cell]))}: {type(err).__name__}: {escape(first_line)}")
             advance(unit.task.cost([cell], self.options))
             return
         for cell in cells:
@@ -520,9 +521,10 @@ class Runner:
             self.record(unit, cell, status="ok", meter=meter, outcome=outcome, device=device)
             shared = outcome.extra.get("shared_forward")
             note = f", one forward for {','.join(map(format_length, shared))}" if shared else ""
-            self.console.print(f"[green]✓[/] {unit.model} · {unit.label([cell])}: "
+            self.console.print(f"[green]✓[/] {escape(unit.model)} · {escape(unit.label([cell]))}: "
                                f"{_metric_text(unit.task, outcome.metrics)}  "
-                               f"[dim]({meter.seconds:.1f} s, {_bytes(meter.peak_bytes)} peak{note})[/]")
+                               f"[dim]({meter.seconds:.1f} s, {_bytes(meter.peak_bytes)} peak{note})[/]"
+                               + "".join(f"\n  [yellow]note:[/] {escape(text)}" for text in outcome.notes))
         advance(unit.task.cost(cells, self.options) - done_cost)
 
     def run(self) -> int:
@@ -709,4 +711,8 @@ def show_results(root: str | Path, console: Console | None = None, *, task: str 
         console.print(f"wrote {len(records)} rows to {csv}")
     for table in results.rich_tables(results.tables(records, metric=metric, by_depth=by_depth)):
         console.print(table)
+    if metric is None:  # LongBench records also as category and overall averages
+        for table in results.rich_tables(evals.longbench.category_tables(records)):
+            console.print(table)
+        evals.synthetic.print_effective_lengths(records, console)  # RULER's effective length, synthetic tasks only
     return 0

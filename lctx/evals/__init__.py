@@ -86,6 +86,7 @@ class Outcome:
     samples: list[dict[str, Any]]
     data: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # printed next to the cell's result (e.g. documents skipped)
 
 
 @dataclass
@@ -200,14 +201,24 @@ def get(name: str) -> Task:
 
 
 def parse_tasks(values: str | list[str]) -> list[Task]:
-    """Comma-separated and/or repeated task names, in order, without repeats."""
+    """Comma-separated and/or repeated task names, in order, without repeats.
+
+    Within one comma-separated list, a name that is neither a task nor ``family:member`` continues the family
+    before it: ``lm-eval:hellaswag,arc_easy`` is ``lm-eval:hellaswag,lm-eval:arc_easy``.
+    """
     items = [values] if isinstance(values, str) else list(values)
     tasks: list[Task] = []
     for item in items:
+        family = None
         for name in item.split(","):
             name = name.strip()
             if not name:
                 raise TaskError(f"empty task name in {item!r}. Valid tasks: {', '.join(task_names())}")
+            prefix, sep, _ = name.partition(":")
+            if sep and prefix in FAMILIES:
+                family = prefix
+            elif family and name not in TASKS:
+                name = f"{family}:{name}"
             for task in expand(name):
                 if task not in tasks:
                     tasks.append(task)
@@ -217,4 +228,5 @@ def parse_tasks(values: str | list[str]) -> list[Task]:
 
 
 # Importing the task modules registers them.
-from lctx.evals import niah, passkey, ppl  # noqa: E402, F401
+# (lm_eval_bridge also registers the lm-eval model `lctx`)
+from lctx.evals import lm_eval_bridge, longbench, niah, passkey, ppl, synthetic  # noqa: E402, F401

@@ -19,7 +19,7 @@ import inspect
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class Prompt:
     filler_tokens: int
     needle_start: int  # index of the needle's first token in ``ids``
     needle_len: int
+    filler: dict[str, Any] = field(default_factory=dict)  # where the filler came from (Filler.source)
 
     @property
     def depth_actual(self) -> float:
@@ -83,14 +84,20 @@ def _cache_name(model) -> str:
 
 
 @torch.inference_mode()
-def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    """Greedy decoding with the KV cache; the prefill computes logits for the last position only."""
+def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: set[int], min_new_tokens: int = 0) -> list[int]:
+    """Greedy decoding with the KV cache; the prefill computes logits for the last position only.
+
+    Stop tokens cannot be chosen for the first ``min_new_tokens`` steps (as transformers' ``min_new_tokens``).
+    """
     device = model.get_input_embeddings().weight.device
     name = _cache_name(model)
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
     generated: list[int] = []
     for step in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
+        logits = out.logits[0, -1]
+        if step < min_new_tokens and stop_ids:
+            logits = logits.index_fill(0, torch.tensor(sorted(stop_ids), device=logits.device), -torch.inf)
+        token = int(logits.argmax())
         generated.append(token)
         if token in stop_ids or step == max_new_tokens - 1:
             break
@@ -149,35 +156,42 @@ class RetrievalTask(Task):
         return (data.special_prefix(tok) + data.encode(tok, instruction, special=False), needle,
                 data.encode(tok, question, special=False))
 
-    def min_length(self, ctx: Context) -> int:
+    def trial_value(self, rng: random.Random) -> str:
+        """The trial's key: the first draw of its generator (the filler offset comes after)."""
+        return str(rng.randint(10 ** (self.digits - 1), 10 ** self.digits - 1))
+
+    def fixed_length(self, ctx: Context, length: int, depth: float, trial: int) -> int:
+        """Tokens of a trial's prompt without filler (its key's tokenization included)."""
         head, needle, tail = self.fixed_ids(ctx)
-        widest = "9" * self.digits
-        return len(head) + len(data.encode(ctx.tokenizer, needle.format(value=widest), special=False)) + len(tail)
+        value = self.trial_value(trial_rng(self.name, ctx.options.seed, length, depth, trial))
+        return len(head) + len(data.encode(ctx.tokenizer, needle.format(value=value), special=False)) + len(tail)
 
     def build_prompt(self, ctx: Context, length: int, depth: float, trial: int) -> Prompt:
         """A prompt of exactly ``length`` tokens with the needle at ``depth`` (see the module docstring)."""
         rng = trial_rng(self.name, ctx.options.seed, length, depth, trial)
-        value = str(rng.randint(10 ** (self.digits - 1), 10 ** self.digits - 1))
+        value = self.trial_value(rng)
         head, needle_text, tail = self.fixed_ids(ctx)
         needle = data.encode(ctx.tokenizer, needle_text.format(value=value), special=False)
         tokens = length - len(head) - len(needle) - len(tail)
         if tokens < 0:
-            raise TaskError(f"{self.name}: length {length} is shorter than the prompt without filler "
-                            f"({length - tokens} tokens)")
+            raise TaskError(f"{self.name}: length {length} is too short; the prompt without filler already has "
+                            f"{length - tokens} tokens")
         filler = self.filler(ctx, tokens, rng)
         assert len(filler.ids) == tokens
         at = nearest(filler.boundaries, depth * tokens)
         ids = head + filler.ids[:at] + needle + filler.ids[at:] + tail
-        return Prompt(ids, value, at, tokens, len(head) + at, len(needle))
+        return Prompt(ids, value, at, tokens, len(head) + at, len(needle), filler.source)
 
     # -- running --
 
     def check(self, ctx: Context, cells: list[Cell]) -> None:
-        shortest = min(c.length for c in cells)
-        needed = self.min_length(ctx)
-        if shortest < needed:
-            raise TaskError(f"{self.name}: length {shortest} is too short; the prompt without filler already "
-                            f"has {needed} tokens")
+        """Every trial's prompt fits its length (keys tokenize to different lengths, so each one is checked)."""
+        trials = self.samples(ctx.options)
+        for cell in sorted(cells, key=lambda c: (c.length, c.depth)):
+            needed = max(self.fixed_length(ctx, cell.length, cell.depth, t) for t in range(trials))
+            if needed > cell.length:
+                raise TaskError(f"{self.name}: length {cell.length} is too short; the prompt without filler "
+                                f"already has {needed} tokens")
 
     def run(self, ctx: Context, spec: RopeSpec, cells: list[Cell], report: Report) -> dict[Cell, Outcome]:
         options = ctx.options
@@ -197,6 +211,7 @@ class RetrievalTask(Task):
                         "trial": trial, "value": prompt.value, "output": output, "answer": answer,
                         "correct": answer == prompt.value, "prompt_tokens": len(prompt.ids),
                         "insert_at": prompt.needle_start, "depth_actual": round(prompt.depth_actual, 6),
+                        "filler": prompt.filler,
                     })
                     report(forward_cost(cell.length))
             correct = sum(t["correct"] for t in trials)
@@ -230,7 +245,7 @@ class Passkey(RetrievalTask):
         repeats = (offset + tokens) // len(unit) + 1
         ids = (unit * repeats)[offset:offset + tokens]
         boundaries = sorted({0, tokens, *(i for i in range(tokens) if (offset + i) % len(unit) == 0)})
-        return Filler(ids, boundaries, {"filler": FILLER, "offset": offset})
+        return Filler(ids, boundaries, {"offset": offset})
 
     def data_record(self, ctx: Context) -> dict[str, Any]:
         return {**super().data_record(ctx), "filler": FILLER}

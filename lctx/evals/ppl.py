@@ -57,9 +57,10 @@ def nll_from_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: i
     out = torch.empty(len(targets), dtype=torch.float32)
     for start in range(0, len(targets), chunk):
         end = min(start + chunk, len(targets))
-        logits = head(hidden[start:end].to(device)).float()
-        if cap:
+        logits = head(hidden[start:end].to(device))
+        if cap:  # in the model's dtype, as its own forward does
             logits = torch.tanh(logits / cap) * cap
+        logits = logits.float()
         out[start:end] = F.cross_entropy(logits, targets[start:end].to(device), reduction="none").cpu()
     return out
 
@@ -70,6 +71,26 @@ def token_nll(model, ids: torch.Tensor | list[int], chunk: int = CHUNK) -> torch
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens")
     return nll_from_hidden(model, hidden_states(model, ids)[:-1], ids[1:], chunk)
+
+
+def check_head(model, ids: torch.Tensor | list[int], tokens: int = 64) -> None:
+    """Raise TaskError when :func:`token_nll` does not reproduce ``model(ids).logits`` on a short prefix.
+
+    The memory-lean path applies the output embedding (and a final logit soft-cap) itself; a model whose
+    forward post-processes logits in another way (a logit scale, an added bias) would get wrong perplexities
+    without a word. Tolerances allow for bf16.
+    """
+    ids = torch.as_tensor(ids[:tokens], dtype=torch.long)
+    lean = token_nll(model, ids)
+    device = model.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float()
+    plain = F.cross_entropy(logits, ids[1:].to(logits.device), reduction="none").cpu()
+    if not torch.allclose(lean, plain, rtol=0.02, atol=0.05):
+        worst = float((lean - plain).abs().max())
+        raise TaskError(f"ppl: the chunked LM head differs from {type(model).__name__}'s own logits by up to "
+                        f"{worst:.3g} nats per token; this architecture post-processes its logits in a way "
+                        "lctx does not reproduce, so its perplexity would be wrong")
 
 
 def sliding_nll(model, ids: torch.Tensor | list[int], window: int, stride: int,
@@ -97,6 +118,11 @@ def sliding_nll(model, ids: torch.Tensor | list[int], window: int, stride: int,
         if end == ids.numel():
             break
     return torch.cat(nlls), torch.cat(positions)
+
+
+def bucket_edges(length: int) -> list[int]:
+    """Bucket b holds the positions p with p·BUCKETS // length == b, i.e. [edges[b], edges[b+1])."""
+    return [-(-b * length // BUCKETS) for b in range(BUCKETS + 1)]
 
 
 def summarize(nll: torch.Tensor, positions: torch.Tensor, length: int, last_k: int) -> dict[str, Any]:
@@ -137,7 +163,7 @@ def aggregate(samples: list[dict[str, Any]], length: int) -> dict[str, Any]:
     return {
         "ppl": _exp(nll), "nll": nll, "tokens": tokens,
         "last_k_ppl": _exp(last), "last_k_nll": last, "last_k_tokens": last_tokens,
-        "bucket_nll": buckets, "bucket_edges": [b * length // BUCKETS for b in range(BUCKETS + 1)],
+        "bucket_nll": buckets, "bucket_edges": bucket_edges(length),
     }
 
 
@@ -188,6 +214,9 @@ class Perplexity(Task):
         options = ctx.options
         samples = self.samples(options)
         selections = {c: data.select(ctx.corpus, ctx.tokenizer, c.length, samples) for c in cells}
+        if not ctx.cache.get("ppl-head-checked"):  # once per model, before any patch
+            check_head(ctx.model, selections[cells[0]].docs[0][1])
+            ctx.cache["ppl-head-checked"] = True
         per_cell: dict[Cell, list[dict[str, Any]]] = {c: [] for c in cells}
         shared = len(cells) > 1
         if options.stride:
@@ -232,9 +261,20 @@ class Perplexity(Task):
                     "bos_ids": bos,
                 },
                 extra={"shared_forward": sorted(c.length for c in cells)} if shared else {},
+                notes=_selection_notes(selection, samples),
             )
         return outcomes
 
 
 def _data_id(options: EvalOptions) -> str:
     return data.open_corpus(options.data, options.dataset, options.text_field).id
+
+
+def _selection_notes(selection: data.Selection, samples: int) -> list[str]:
+    """What the console should say about documents skipped for being short, or too few long enough."""
+    notes = []
+    if selection.skipped:
+        notes.append(f"{selection.skipped} document(s) shorter than {selection.length} tokens skipped")
+    if len(selection.docs) < samples:
+        notes.append(f"only {len(selection.docs)} of {samples} requested documents have {selection.length} tokens")
+    return notes

@@ -6,8 +6,10 @@ part is "query rotated at fq(i), key rotated at gk(j)" and the near part is ordi
 plain attention over a band of keys. Both parts run per chunk of query rows through a kernel that also returns
 the log-sum-exp, and are merged exactly; no length × length score matrix exists, so memory grows linearly.
 
-While patched, the model's rotary module returns cos = 1, sin = 0: queries and keys reach attention (and the
-KV cache) unrotated, and attention rotates them itself, since one key needs two rotations (near and far).
+While patched, the model's rotary module rotates queries and keys at the far key position gk(p) of their own
+position p (ReRoPE: 0, i.e. unrotated), so the KV cache holds every key as the far part reads it. Attention
+then rotates by differences, R(a)R(b) = R(a + b): near keys by j − gk(j), queries by i − gk(i) (near) and
+fq(i) − gk(i) (far). A decoding step thus rotates only the keys inside the window, whatever the context length.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from lctx.patches import Param, SpecError, Variant, register
 from lctx.patches.arch import RopeInfo, override_attention, query_positions, rotary_modules
 from lctx.patches.logn import scale_query
 
-CHUNK_SIZE = 512  # query rows per kernel call: the scores held at once are CHUNK_SIZE × keys per head
+CHUNK_SIZE = 1024  # query rows per kernel call (at most the window − 1 on the mask-free CPU path)
 
-# fq(query positions) and gk(key positions) of the far part; gk = None means the key stays unrotated.
-FarPositions = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor | None]]
+# fq(query positions) and gk(key positions) of the far part: the query at fq(i) against the key at gk(j).
+FarPositions = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _rerope_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, Any]):
-    return torch.full_like(pos_q, p["window"]), None
+    return torch.full_like(pos_q, p["window"]), torch.zeros_like(pos_k)
 
 
 def _leaky_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, Any]):
@@ -44,30 +46,51 @@ def _self_extend_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, A
 
 
 class _Rotation:
-    """The model's RoPE (its frequencies, cos/sin scale and rotary dimension), applied at arbitrary positions."""
+    """The model's RoPE (its frequencies, cos/sin scale and rotary dimension), applied at mapped positions.
 
-    def __init__(self, info: RopeInfo) -> None:
-        self.info = info
+    ``kind`` names the angle as a function of position p: "cache" gk(p), with the model's cos/sin scale (what
+    the rotary module applies); "near" p − gk(p) and "far" fq(p) − gk(p), unscaled, applied on top of it. For
+    non-negative integer positions cos/sin come from a table per kind that grows as needed, so a decoding step
+    looks its angles up instead of recomputing them.
+    """
+
+    def __init__(self, info: RopeInfo, far: FarPositions, params: Mapping[str, Any]) -> None:
+        self.info, self.far, self.params = info, far, params
         self.inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, squared_scale: bool = False) -> torch.Tensor:
-        """x (B, H, T, D) rotated at positions (B, T) as transformers' apply_rotary_pos_emb rotates it.
+    def _compute(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = positions.device
+        if device not in self.inv_freq:
+            self.inv_freq[device] = self.info.inv_freq.to(device)
+        fq, gk = self.far(positions, positions, self.params)
+        angle = {"cache": gk, "near": positions - gk, "far": fq - gk}[kind]
+        freqs = angle[..., None].float() * self.inv_freq[device]
+        scale = self.info.attention_scaling if kind == "cache" else 1.0
+        return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+    def cos_sin(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (..., rotary_dim / 2) of the ``kind`` angle at integer ``positions``."""
+        if positions.numel() == 0 or int(positions.min()) < 0:
+            return self._compute(positions, kind, dtype)
+        key, size = (kind, dtype, positions.device), int(positions.max()) + 1
+        if key not in self.tables or self.tables[key][0].shape[0] < size:
+            grown = max(4096, 1 << (size - 1).bit_length())
+            self.tables[key] = self._compute(torch.arange(grown, device=positions.device), kind, dtype)
+        cos, sin = self.tables[key]
+        return cos[positions], sin[positions]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
+        """x (B, H, T, D) rotated by the ``kind`` angle of positions (B, T), as apply_rotary_pos_emb rotates.
 
         Written on halves (x1·cos − x2·sin, x2·cos + x1·sin) into one new tensor, without rotate_half's copies.
-        ``squared_scale`` puts the key's cos/sin scale on the query too, for keys left unrotated (position 0).
         """
-        info = self.info
-        if x.device not in self.inv_freq:
-            self.inv_freq[x.device] = info.inv_freq.to(x.device)
-        freqs = positions[..., None].float() * self.inv_freq[x.device]
-        scale = info.attention_scaling ** (2 if squared_scale else 1)
-        cos = (freqs.cos() * scale).to(x.dtype)[:, None]
-        sin = (freqs.sin() * scale).to(x.dtype)[:, None]
-        half = info.rotary_dim // 2
+        cos, sin = (t[:, None] for t in self.cos_sin(positions, kind, x.dtype))
+        half = self.info.rotary_dim // 2
         x1, x2 = x[..., :half], x[..., half:2 * half]
         out = torch.empty_like(x)
-        torch.mul(x1, cos, out=out[..., :half]).sub_(x2 * sin)
-        torch.mul(x2, cos, out=out[..., half:2 * half]).add_(x1 * sin)
+        torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=out[..., half:2 * half]).addcmul_(x1, sin)
         out[..., 2 * half:] = x[..., 2 * half:]
         return out
 
@@ -179,11 +202,72 @@ def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     return result
 
 
+Piece = tuple[tuple[int, int], tuple[int, int], str]  # query slots, key slots, "dense" | "causal" | "reversed"
+
+
+def _causal_pieces(rows: tuple[int, int], keys: tuple[int, int], band: tuple[int, int]) -> list[Piece] | None:
+    """Cover a band without masks: a dense run plus triangles that the kernel's causal flag expresses.
+
+    The flag is top-left aligned (row t of a call sees key s ≤ t). The upper edge of the band (row i sees
+    j ≤ i − r_min) is such a triangle on rows [k0 + r_min, b); the lower edge (j ≥ i − r_max + 1) is one with
+    rows and keys reversed. Each edge takes one key of the dense run to be exact, so the chunk must be
+    narrower than the band; None means it is not, and the caller uses masks. ``keys`` must lie within the
+    band's reach, [a − r_max + 1, b − r_min). The pieces covering every row come first.
+    """
+    (a, b), (lo, hi), (r_min, r_max) = rows, keys, band
+    if b - a >= r_max - r_min:
+        return None
+    first: list[Piece] = []
+    dense_lo, dense_hi = max(lo, b - r_max), min(hi, a - r_min + 1)
+    if lo < min(hi, b - r_max):  # keys the later rows of the chunk no longer reach
+        dense_lo = b - r_max + 1
+        if dense_lo > hi:
+            return None
+        first.append(((a, b), (lo, dense_lo), "reversed"))
+    upper = None
+    if max(lo, a - r_min + 1) < min(hi, b - r_min):  # keys the earlier rows do not reach yet
+        dense_hi = max(lo, a - r_min)
+        upper = ((dense_hi + r_min, b), (dense_hi, min(hi, b - r_min)), "causal")
+    if dense_lo < dense_hi:
+        first.append(((a, b), (dense_lo, dense_hi), "dense"))
+    return first + ([upper] if upper else [])
+
+
+def _causal_band(acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, start: int, a: int, pieces: list[Piece],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of query slots from ``a`` on (q holds them) over ``pieces`` (k, v begin at slot ``start``).
+
+    Merged into ``acc`` (fp32 output, log-sum-exp), which is updated in place and returned.
+    """
+    for (r0, r1), (lo, hi), kind in pieces:
+        qs, ks, vs = q[:, :, r0 - a:r1 - a], k[:, :, lo - start:hi - start], v[:, :, lo - start:hi - start]
+        if kind == "reversed":
+            qs, ks, vs = qs.flip(2), ks.flip(2), vs.flip(2)
+        part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qs, ks, vs, dropout_p=0.0, is_causal=kind != "dense", scale=scale)
+        if kind == "reversed":
+            part, part_lse = part.flip(2), part_lse.flip(-1)
+        skip = r0 - a
+        if acc is None:
+            out = part.float()
+            lse = part_lse
+            if skip:  # rows before r0 have no key yet: empty, weight 0 in later merges
+                out = torch.cat([out.new_zeros(*out.shape[:2], skip, out.shape[-1]), out], dim=2)
+                lse = torch.cat([lse.new_full((*lse.shape[:2], skip), torch.finfo(lse.dtype).min), lse], dim=2)
+            acc = out, lse
+        else:
+            out, lse = acc
+            out[:, :, skip:], lse[:, :, skip:] = _merge(out[:, :, skip:], lse[:, :, skip:], part, part_lse)
+    return acc
+
+
 def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, *, rotate: _Rotation, far: FarPositions,
-                       params: Mapping[str, Any], scaling: float | None = None, softcap: float | None = None,
-                       sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention over unrotated q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D): RoPE inside the window, far beyond.
+                       attention_mask: torch.Tensor | None, *, rotate: _Rotation, params: Mapping[str, Any],
+                       scaling: float | None = None, softcap: float | None = None, sliding_window: int | None = None,
+                       **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D) rotated at gk(position) by the patched rotary
+    module: RoPE inside the window, the far map beyond.
 
     Keys are the whole cache, the queries its last Tq slots; key slot t sits at position
     ``position_ids[:, -1] − (Tk − 1 − t)``, which holds for prefill, cached decoding and left padding.
@@ -202,44 +286,56 @@ def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     pos_q = pos_k[:, offset:]
 
     near_lo = max(0, offset - min(window, reach) + 1)  # the first key any query sees within the window
-    q_near = rotate(query, pos_q)
-    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:])
+    q_near = rotate(query, pos_q, "near")
+    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:], "near")
     v_near = value[:, :, near_lo:]
     far_lo, far_hi = max(0, offset - reach + 1), k_len - window if window < reach else 0
     if far_hi > far_lo:
-        fq, gk = far(pos_q, pos_k[:, far_lo:far_hi], params)
-        q_far = rotate(query, fq, squared_scale=gk is None)
-        k_far = key[:, :, far_lo:far_hi] if gk is None else rotate(key[:, :, far_lo:far_hi], gk)
+        q_far = rotate(query, pos_q, "far")
+        k_far = key[:, :, far_lo:far_hi]  # as cached: rotated at gk(j)
         v_far = value[:, :, far_lo:far_hi]
 
     out = query.new_empty(batch, q_len, heads, value.shape[-1])
     cache: MaskCache = {}
-    for a in range(0, q_len, CHUNK_SIZE):
-        b = min(a + CHUNK_SIZE, q_len)
+    near_band, far_band = (0, min(window, reach)), (window, reach)
+    # Without a model mask or softcap, the CPU kernel's causal flag replaces every mask (see _causal_pieces).
+    mask_free = attention_mask is None and softcap is None and query.device.type == "cpu"
+    chunk = min(CHUNK_SIZE, max(1, near_band[1] - 1)) if mask_free else CHUNK_SIZE
+    for a in range(0, q_len, chunk):
+        b = min(a + chunk, q_len)
         rows = (offset + a, offset + b)
         user = None if attention_mask is None else attention_mask[:, :, a:b]
-        near = (max(near_lo, rows[0] - min(window, reach) + 1), rows[1])
-        result, lse = _band_attention(q_near[:, :, a:b], k_near, v_near, near_lo, user, rows, near,
-                                      (0, min(window, reach)), scale, softcap, cache)
+        near = (max(near_lo, rows[0] - near_band[1] + 1), rows[1])
         far_keys = (max(far_lo, rows[0] - reach + 1), min(far_hi, rows[1] - window))
+        pieces = _causal_pieces(rows, near, near_band) if mask_free else None
+        if pieces is None:
+            acc = _band_attention(q_near[:, :, a:b], k_near, v_near, near_lo, user, rows, near, near_band, scale,
+                                  softcap, cache)
+        else:
+            acc = _causal_band(None, q_near[:, :, a:b], k_near, v_near, near_lo, rows[0], pieces, scale)
         if far_keys[1] > far_keys[0]:
-            far_out, far_lse = _band_attention(q_far[:, :, a:b], k_far, v_far, far_lo, user, rows, far_keys,
-                                               (window, reach), scale, softcap, cache)
-            result, lse = _merge(result, lse, far_out, far_lse)
-        out[:, a:b] = result.transpose(1, 2)
+            pieces = _causal_pieces(rows, far_keys, far_band) if mask_free else None
+            if pieces is None:
+                far_out, far_lse = _band_attention(q_far[:, :, a:b], k_far, v_far, far_lo, user, rows, far_keys,
+                                                   far_band, scale, softcap, cache)
+                acc = _merge(*acc, far_out, far_lse)
+            else:
+                acc = _causal_band(acc, q_far[:, :, a:b], k_far, v_far, far_lo, rows[0], pieces, scale)
+        out[:, a:b] = acc[0].transpose(1, 2)
     return out, None
 
 
 @contextlib.contextmanager
-def unrotated(model: nn.Module) -> Iterator[None]:
-    """Make the rotary module return cos = 1, sin = 0 (same shapes and dtypes), so q and k pass unrotated."""
+def far_rotated(model: nn.Module, rotate: _Rotation) -> Iterator[None]:
+    """Make the rotary module return cos/sin of the far key position gk(p) (same shapes, dtypes and scale)."""
     (rotary,) = rotary_modules(model)
     saved = rotary.__dict__.get("forward")
     original = rotary.forward
 
     def forward(x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
         cos, sin = original(x, position_ids, *args, **kwargs)
-        return torch.ones_like(cos), torch.zeros_like(sin)
+        half_cos, half_sin = rotate.cos_sin(position_ids, "cache", cos.dtype)
+        return torch.cat((half_cos, half_cos), -1).expand_as(cos), torch.cat((half_sin, half_sin), -1).expand_as(sin)
 
     rotary.forward = forward
     try:
@@ -254,13 +350,13 @@ def unrotated(model: nn.Module) -> Iterator[None]:
 def _patcher(far: FarPositions):
     @contextlib.contextmanager
     def patch(model: nn.Module, info: RopeInfo, params: Mapping[str, Any], seq_len: int | None) -> Iterator[None]:
-        rotate = _Rotation(info)
+        rotate = _Rotation(info, far, params)
 
         def hook(module, query, key, value, attention_mask, *, original, **kwargs):
-            return windowed_attention(module, query, key, value, attention_mask, rotate=rotate, far=far,
-                                      params=params, **kwargs)
+            return windowed_attention(module, query, key, value, attention_mask, rotate=rotate, params=params,
+                                      **kwargs)
 
-        with unrotated(model), override_attention(model, hook):
+        with far_rotated(model, rotate), override_attention(model, hook):
             yield
 
     return patch

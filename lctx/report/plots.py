@@ -1,0 +1,579 @@
+"""Figures: perplexity by length, retrieval heatmaps, per-position loss, LongBench by category, synthetic
+accuracy by length, and a metric-by-length line plot for any other task.
+
+Each variant keeps one colour in every figure: its hue comes from its RoPE family (a fixed table, so ``yarn``
+is green in every report and every run) and variants of one family get darker or lighter shades of it, in
+the sorted order of their labels; ``logn=true`` variants are dashed. Figures use matplotlib's object API (no
+pyplot, no global backend) under a paper style: 8 pt type, no top/right spines, faint grid, TrueType fonts
+embedded in PDFs, text as paths in SVGs (so the dashboard needs no fonts).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib import ticker
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.transforms import blended_transform_factory
+
+from lctx.report import cells
+from lctx.report.cells import Group
+from lctx.report.tables import model_stem, slugify
+from lctx.results import format_length
+
+STYLE: dict[str, Any] = {
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.linewidth": 0.6,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.linewidth": 0.4,
+    "grid.alpha": 0.4,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "xtick.minor.visible": False,
+    "ytick.minor.visible": False,
+    "lines.linewidth": 1.3,
+    "lines.markersize": 3.5,
+    "legend.frameon": False,
+    "figure.dpi": 100,
+    "savefig.dpi": 300,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "svg.fonttype": "path",
+    "svg.hashsalt": "lctx",  # stable element ids: the same figure gives the same SVG
+}
+FORMATS = ("png", "pdf", "svg")
+COLUMN_WIDTH, PAGE_WIDTH = 3.4, 6.9  # inches: one and two columns of a two-column paper
+
+# hue of each RoPE family (Okabe–Ito and Tol's colour-blind-safe palettes); the model as trained is black
+FAMILY_COLORS = {
+    "none": "#000000", "pi": "#0072B2", "linear": "#0072B2", "ntk": "#E69F00", "ntk-mixed": "#D55E00",
+    "dynamic-ntk": "#CC6677", "ntk-by-parts": "#999933", "yarn": "#009E73", "dynamic-yarn": "#56B4E9",
+    "llama3": "#882255", "base": "#44AA99", "rerope": "#6A3D9A", "leaky-rerope": "#AA4499",
+    "self-extend": "#8C564B",
+}
+FALLBACK_COLORS = ("#117733", "#AA4499", "#DDAA33", "#BB5566", "#004488", "#997700", "#6699CC", "#EE7733")
+FAMILY_MARKERS = {"none": "o", "pi": "s", "linear": "s", "ntk": "^", "ntk-mixed": "v", "dynamic-ntk": "<",
+                  "ntk-by-parts": ">", "yarn": "D", "dynamic-yarn": "d", "llama3": "P", "base": "X",
+                  "rerope": "*", "leaky-rerope": "h", "self-extend": "p"}
+LIGHTNESS_STEPS = (0.0, 0.22, -0.16, 0.36, -0.28, 0.48)  # shades of one family's hue, in member order
+RETRIEVAL_CMAP = "viridis"
+METRIC_NAMES = {"ppl": "perplexity", "last_k_ppl": "perplexity", "nll": "NLL (nats)", "last_k_nll": "NLL (nats)"}
+
+# LongBench (Bai et al., 2023) task categories, in the paper's order, for tasks whose object carries none
+LONGBENCH_CATEGORIES = {
+    "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
+    "multi-doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
+    "summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
+    "few-shot": ("trec", "triviaqa", "samsum", "lsht"),
+    "synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
+    "code": ("lcc", "repobench-p"),
+}
+LONGBENCH_CATEGORY = {task: category for category, tasks in LONGBENCH_CATEGORIES.items() for task in tasks}
+
+
+@dataclass(frozen=True)
+class Style:
+    color: str
+    marker: str
+    linestyle: str
+
+
+def variant_styles(labels: Iterable[str]) -> dict[str, Style]:
+    """One style per variant label: family hue, shaded per member (sorted labels), dashed with log-n."""
+    members: dict[str, list[str]] = {}
+    for label in sorted(set(labels)):
+        members.setdefault(label.split(":", 1)[0], []).append(label)
+    styles = {}
+    for fam, names in members.items():
+        base = FAMILY_COLORS.get(fam) or FALLBACK_COLORS[zlib.crc32(fam.encode()) % len(FALLBACK_COLORS)]
+        marker = FAMILY_MARKERS.get(fam, "o")
+        for color, label in zip(_shades(base, len(names)), names, strict=True):
+            styles[label] = Style(color, marker, "--" if "logn=true" in label else "-")
+    return styles
+
+
+def _shades(base: str, n: int) -> list[str]:
+    """``n`` distinct shades of a hue: the colour itself first, then lighter and darker ones alternately."""
+    h, lightness, s = colorsys.rgb_to_hls(*mcolors.to_rgb(base))
+    out: list[str] = []
+    taken: list[float] = []
+    steps = [*LIGHTNESS_STEPS, *np.linspace(-0.4, 0.6, 12)]
+    for step in steps:
+        level = min(max(lightness + step, 0.0), 0.82)
+        if all(abs(level - t) >= 0.09 for t in taken):
+            taken.append(level)
+            out.append(mcolors.to_hex(colorsys.hls_to_rgb(h, level, s)))
+        if len(out) == n:
+            return out
+    return (out * n)[:n]  # more members than distinguishable shades: repeat (markers and labels still differ)
+
+
+@dataclass
+class Plot:
+    """A finished figure with what the dashboard says about it."""
+
+    stem: str  # file name stem under figures/
+    section: str  # task family it belongs to
+    model: str
+    title: str
+    caption: str
+    figure: Figure
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+
+def _length_axis(ax, lengths: list[int], train_len: int | None) -> None:
+    """log2 x axis with a tick per evaluated length (labelled 4k, 8k, …) and room for the training length."""
+    ax.set_xscale("log", base=2)
+    span = lengths + ([train_len] if train_len else [])
+    ax.set_xlim(min(span) / 1.25, max(span) * 1.25)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(lengths))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([format_length(n) for n in lengths]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("context length (tokens)")
+    if train_len:
+        _train_line(ax, train_len)
+
+
+def _train_line(ax, train_len: int, label: bool = True) -> None:
+    ax.axvline(train_len, color="0.35", linestyle=":", linewidth=0.9, zorder=1)
+    if label:
+        ax.text(train_len, 0.99, " train", transform=blended_transform_factory(ax.transData, ax.transAxes),
+                ha="left", va="top", fontsize=6.5, color="0.35")
+
+
+def _nice_log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks for a log axis that read as plain numbers: 1-2-5 per decade, or finer when the range is narrow."""
+    for subs in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                 for m in subs]
+        inside = [t for t in ticks if lo <= t <= hi]
+        if len(inside) >= 3:
+            return inside
+    return list(ticker.MaxNLocator(4).tick_values(lo, hi))
+
+
+def _plain(value: float, _pos: Any = None) -> str:
+    if value >= 1e5:
+        exponent = math.floor(math.log10(value))
+        mantissa = value / 10 ** exponent
+        return f"$10^{{{exponent}}}$" if abs(mantissa - 1) < 1e-9 else f"${mantissa:g}\\times10^{{{exponent}}}$"
+    return f"{value:g}"
+
+
+def _log_y(ax, values: list[float]) -> None:
+    lo, hi = min(values), max(values)
+    ax.set_yscale("log")
+    pad = (hi / lo) ** 0.06 if hi > lo else 1.1
+    ax.set_ylim(lo / pad, hi * pad)
+    ax.yaxis.set_major_locator(ticker.FixedLocator(_nice_log_ticks(lo / pad, hi * pad)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(_plain))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
+
+
+def _tokens(value: float, _pos: Any = None) -> str:
+    return f"{value / 1024:.3g}k" if value >= 1024 else f"{value:.0f}"
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    """Rows and columns for ``n`` panels, balanced (4 panels: 2 × 2, not 3 + 1)."""
+    rows = math.ceil(n / max_cols)
+    return rows, math.ceil(n / rows)
+
+
+def _legend(fig: Figure, handles: list) -> None:
+    """One legend below the panels: three columns on a two-column-wide figure, two on a narrow one."""
+    if handles:
+        ncols = min(len(handles), 3 if fig.get_figwidth() > COLUMN_WIDTH else 2)
+        fig.legend(handles=handles, loc="outside lower center", ncols=ncols, handlelength=2.2, columnspacing=1.2)
+
+
+def _variant_handles(labels: list[str], styles: dict[str, Style]) -> list[Line2D]:
+    return [Line2D([], [], color=styles[x].color, marker=styles[x].marker, linestyle=styles[x].linestyle,
+                   label=x) for x in labels]
+
+
+def _wrap(label: str, chars: int) -> str:
+    """Break a long variant label at its ``:`` separators so that a panel title fits over its panel."""
+    lines = [""]
+    for i, part in enumerate(label.split(":")):
+        piece = part if i == 0 else ":" + part
+        if lines[-1] and len(lines[-1]) + len(piece) > chars:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
+
+
+def _config_value(group: Group, key: str) -> Any:
+    for record in group.records:
+        value = (record.get("config") or {}).get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _context(group: Group) -> str:
+    train = format_length(group.train_len) if group.train_len else "unknown"
+    return f"{group.model}, training length {train} (dotted line), {group.settings}"
+
+
+# ---- the figures -------------------------------------------------------------------------------------------
+
+
+def metric_by_length(group: Group, metrics: list[str], labels: dict[str, str], styles: dict[str, Style],
+                     titles: list[str] | None = None) -> Figure | None:
+    """One panel per metric: a line per variant over length; failed cells marked at the top of the panel."""
+    lengths = group.lengths
+    fig = Figure(figsize=(COLUMN_WIDTH if len(metrics) == 1 else PAGE_WIDTH, 2.6), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    handles = _variant_handles([labels[r] for r in group.ropes], styles)
+    marks: set[str] = set()
+    drawn = False
+    for ax, metric, title in zip(axes, metrics, titles or metrics, strict=True):
+        log = cells.lower_is_better(metric)
+        finite_values: list[float] = []
+        top = blended_transform_factory(ax.transData, ax.transAxes)
+        for k, rope in enumerate(group.ropes):
+            style = styles[labels[rope]]
+            values = [group.value(rope, n, metric) for n in lengths]
+            xs = [n for n, v in zip(lengths, values, strict=True) if v is not None and v.finite]
+            ys = [v.value for v in values if v is not None and v.finite]
+            finite_values += ys
+            ax.plot(xs, ys, color=style.color, marker=style.marker, linestyle=style.linestyle, zorder=3)
+            for n, v in zip(lengths, values, strict=True):  # stagger markers so that variants stay visible
+                y = 1.0 - 0.035 * (k % 4)
+                if v is not None and v.status == "oom":
+                    ax.plot([n], [y], marker="x", color=style.color, transform=top, clip_on=False,
+                            markersize=5, markeredgewidth=1.2, linestyle="none", zorder=4)
+                    marks.add("oom")
+                elif v is not None and v.status == "ok" and v.value is not None and math.isinf(v.value):
+                    ax.plot([n], [y], marker="^", color=style.color, transform=top, clip_on=False,
+                            linestyle="none", zorder=4)
+                    marks.add("inf")
+        drawn = drawn or bool(finite_values)
+        if log and finite_values and min(finite_values) > 0:
+            _log_y(ax, finite_values)
+        elif metric == "accuracy":
+            ax.set_ylim(-0.04, 1.04)
+            ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+        _length_axis(ax, lengths, group.train_len)
+        ax.set_title(title)
+        ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} ({'lower' if log else 'higher'} is better)")
+    if not drawn and not marks:
+        return None
+    if "oom" in marks:
+        handles.append(Line2D([], [], marker="x", color="0.2", linestyle="none", markeredgewidth=1.2,
+                              label="out of memory"))
+    if "inf" in marks:
+        handles.append(Line2D([], [], marker="^", color="0.2", linestyle="none", label="infinite"))
+    _legend(fig, handles)
+    return fig
+
+
+def retrieval_heatmaps(group: Group, metric: str, labels: dict[str, str], styles: dict[str, Style]) -> Figure:
+    """Length × depth heatmaps, one panel per variant, one shared colour scale from 0 to 100%."""
+    ropes, lengths = group.ropes, group.lengths
+    depths = sorted({float(d) for d in group.frame["depth"].dropna()})
+    rows, cols = _grid(len(ropes), 3)
+    width = min(PAGE_WIDTH, 0.45 + cols * max(1.7, 0.36 * len(lengths) + 0.6))
+    fig = Figure(figsize=(width, 0.55 + rows * max(1.3, 0.18 * len(depths) + 0.75)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    norm = mcolors.Normalize(0, 1)
+    cmap = matplotlib.colormaps[RETRIEVAL_CMAP]
+    image = None
+    annotate = len(lengths) * len(depths) <= 96
+    boundary = sum(1 for n in lengths if group.train_len and n <= group.train_len)
+    for idx, ax in enumerate(axes.flat):
+        if idx >= len(ropes):
+            ax.set_visible(False)
+            continue
+        rope = ropes[idx]
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        failed: list[tuple[int, int, str]] = []
+        for i, depth in enumerate(depths):
+            for j, n in enumerate(lengths):
+                v = group.value(rope, n, metric, depth)
+                if v is None:
+                    continue
+                if v.finite:
+                    grid[i, j] = v.value
+                elif v.status != "ok":
+                    failed.append((i, j, "OOM" if v.status == "oom" else "ERR"))
+        ax.set_facecolor("0.92")
+        image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        for i, j, text in failed:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85",
+                                                      edgecolor="0.6", hatch="////", linewidth=0))
+            ax.text(j, i, text, ha="center", va="center", fontsize=5.5, color="0.15")
+        if annotate:
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=5.5,
+                                color="black" if grid[i, j] > 0.6 else "white")
+        if 0 < boundary < len(lengths):  # a white gap between lengths within and past training
+            ax.axvline(boundary - 0.5, color="white", linewidth=2.5)
+        ax.grid(False)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.tick_params(length=0)
+        ax.set_title(_wrap(labels[rope], int(10 * (width - 0.9) / cols)), color=styles[labels[rope]].color,
+                     fontweight="bold")
+        ax.set_xticks(range(len(lengths)), [format_length(n) + ("*" if boundary and j >= boundary else "")
+                                            for j, n in enumerate(lengths)])
+        ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+        if idx % cols == 0:
+            ax.set_ylabel("needle depth")
+        if idx // cols == rows - 1 or idx + cols >= len(ropes):
+            ax.set_xlabel("context length")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    bar = fig.colorbar(image, ax=axes, shrink=0.9, aspect=25, pad=0.02)
+    bar.ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+    bar.set_label(metric)
+    bar.outline.set_visible(False)
+    return fig
+
+
+def position_loss(group: Group, labels: dict[str, str], styles: dict[str, Style]) -> Figure | None:
+    """Mean NLL by position bucket, one panel per length: where in the window a variant starts to fail."""
+    curves: dict[int, dict[str, tuple[list[float], list[float]]]] = {}
+    for record in group.records:
+        metrics = record.get("metrics") or {}
+        nll, edges = metrics.get("bucket_nll"), metrics.get("bucket_edges")
+        if record.get("status") != "ok" or not nll or not edges or len(edges) != len(nll) + 1:
+            continue
+        points = [((a + b) / 2, y) for a, b, y in zip(edges[:-1], edges[1:], nll, strict=True)
+                  if y is not None and math.isfinite(y)]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            curves.setdefault(int(record["length"]), {})[record["rope"]] = (list(xs), list(ys))
+    if not curves:
+        return None
+    lengths = sorted(curves)
+    rows, cols = _grid(len(lengths), 3)
+    fig = Figure(figsize=(COLUMN_WIDTH if cols == 1 else PAGE_WIDTH, 0.6 + 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    for idx, ax in enumerate(axes.flat):
+        if idx >= len(lengths):
+            ax.set_visible(False)
+            continue
+        length = lengths[idx]
+        for rope in group.ropes:
+            if rope in curves[length]:
+                style = styles[labels[rope]]
+                xs, ys = curves[length][rope]
+                ax.plot(xs, ys, color=style.color, marker=style.marker, linestyle=style.linestyle,
+                        markersize=2.5)
+        ax.set_xlim(0, length)
+        ax.xaxis.set_major_locator(ticker.FixedLocator([length * q / 4 for q in range(5)]))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_tokens))
+        if group.train_len and group.train_len < length:
+            _train_line(ax, group.train_len)
+        ax.set_title(f"length {format_length(length)}")
+        ax.set_xlabel("position (tokens)")
+        if idx % cols == 0:
+            ax.set_ylabel("mean NLL (nats)")
+    _legend(fig, _variant_handles([labels[r] for r in group.ropes], styles))
+    return fig
+
+
+def _longbench_category(task: str) -> str:
+    """The task object's ``category`` if it has one, else LongBench's category of its dataset (``_e`` files too)."""
+    found = cells.registered_task(task)
+    category = getattr(found, "category", None)
+    if isinstance(category, str) and category:
+        return category
+    dataset = getattr(found, "dataset", None) or task.split(":", 1)[1].removesuffix("_e")
+    return LONGBENCH_CATEGORY.get(dataset, "other")
+
+
+def longbench_by_category(groups: list[Group], labels: dict[str, str], styles: dict[str, Style]) -> Figure | None:
+    """Grouped bars: each category's mean task score and their mean ("overall", as LongBench averages),
+    one panel per length."""
+    scores: dict[tuple[int, str, str], list[float]] = {}  # (length, category, rope) -> task scores
+    ropes: list[str] = []
+    for group in groups:
+        metric = cells.table_metrics(group.task, group.metrics)[0]
+        category = _longbench_category(group.task)
+        for rope in group.ropes:
+            ropes.append(rope)
+            for n in group.lengths:
+                v = group.value(rope, n, metric)
+                if v is not None and v.finite:
+                    scores.setdefault((n, category, rope), []).append(v.value)
+    if not scores:
+        return None
+    means = {key: float(np.mean(values)) for key, values in scores.items()}
+    ropes = list(dict.fromkeys(ropes))
+    lengths = sorted({n for n, _, _ in scores})
+    present = {c for _, c, _ in scores}
+    categories = [c for c in LONGBENCH_CATEGORIES if c in present] + sorted(present - set(LONGBENCH_CATEGORIES))
+    for n in lengths:
+        for rope in ropes:
+            found = [means[(n, c, rope)] for c in categories if (n, c, rope) in means]
+            if found:
+                means[(n, "overall", rope)] = float(np.mean(found))
+    columns = [*categories, "overall"]
+    fig = Figure(figsize=(PAGE_WIDTH, 0.6 + 1.55 * len(lengths)), layout="constrained")
+    axes = fig.subplots(len(lengths), 1, squeeze=False, sharey=True)[:, 0]
+    width = 0.8 / len(ropes)
+    train = groups[0].train_len
+    for ax, n in zip(axes, lengths, strict=True):
+        for k, rope in enumerate(ropes):
+            style = styles[labels[rope]]
+            xs = [c + (k - (len(ropes) - 1) / 2) * width for c in range(len(columns))]
+            ys = [means.get((n, column, rope), np.nan) for column in columns]
+            ax.bar(xs, ys, width=width * 0.92, color=style.color, edgecolor="white", linewidth=0.3,
+                   hatch="///" if style.linestyle == "--" else None)
+        ax.axvline(len(columns) - 1.5, color="0.6", linewidth=0.6)  # the overall mean is not a category
+        ax.set_xticks(range(len(columns)), columns)
+        ax.grid(axis="x", visible=False)
+        past = "*, past the training length" if train and n > train else ""
+        ax.set_title(f"context length {format_length(n)}{past}")
+        ax.set_ylabel("score")
+    _legend(fig, [Patch(facecolor=styles[labels[r]].color, hatch="///" if styles[labels[r]].linestyle == "--"
+                        else None, label=labels[r]) for r in ropes])
+    return fig
+
+
+def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[str, Style],
+                    prefer: str = "accuracy") -> Figure | None:
+    """One panel per task (e.g. each synthetic task): ``prefer`` (else its headline metric) over length."""
+    rows, cols = _grid(len(groups), 3)
+    fig = Figure(figsize=(COLUMN_WIDTH if cols == 1 else PAGE_WIDTH, 0.7 + 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    ropes: list[str] = []
+    drawn = False
+    for idx, ax in enumerate(axes.flat):
+        if idx >= len(groups):
+            ax.set_visible(False)
+            continue
+        group = groups[idx]
+        metric = prefer if prefer in group.metrics else cells.table_metrics(group.task, group.metrics)[0]
+        for rope in group.ropes:
+            ropes.append(rope)
+            style = styles[labels[rope]]
+            values = [(n, group.value(rope, n, metric)) for n in group.lengths]
+            points = [(n, v.value) for n, v in values if v is not None and v.finite]
+            drawn = drawn or bool(points)
+            ax.plot([n for n, _ in points], [y for _, y in points], color=style.color, marker=style.marker,
+                    linestyle=style.linestyle)
+        if metric == "accuracy":
+            ax.set_ylim(-0.04, 1.04)
+            ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+        _length_axis(ax, group.lengths, group.train_len)
+        ax.set_title(group.task.split(":", 1)[-1])
+        if idx % cols == 0:
+            ax.set_ylabel(metric)
+    if not drawn:
+        return None
+    _legend(fig, _variant_handles([labels[r] for r in dict.fromkeys(ropes)], styles))
+    return fig
+
+
+# ---- all figures of a report -------------------------------------------------------------------------------
+
+
+def figures(records: list[dict[str, Any]]) -> Iterator[Plot]:
+    """Every figure the records support, one at a time (each is saved and closed before the next is drawn)."""
+    labels = cells.variant_labels(records)
+    styles = variant_styles(labels.values())
+    all_groups = cells.groups(records)
+    families: dict[tuple, list[Group]] = {}  # longbench / synthetic tasks of one model and settings together
+    for group in all_groups:
+        section = cells.family(group.task)
+        if section in ("longbench", "synthetic") and ":" in group.task:
+            families.setdefault((section, group.model, group.train_len, group.dtype, group.attn), []).append(group)
+            continue
+        metrics = cells.table_metrics(group.task, group.metrics)
+        stem = f"{slugify(group.task)}-{slugify(model_stem(group.model))}"
+        if group.has_depths and metrics[0] == "accuracy":
+            yield Plot(f"heatmap-{stem}", section, group.model, f"{group.task}: accuracy by length and depth",
+                       f"{group.task} accuracy by context length (x; * past the training length, after the white "
+                       f"gap) and needle depth (y), one panel per variant. {_context(group)}.",
+                       retrieval_heatmaps(group, metrics[0], labels, styles))
+            continue
+        titles = [group.task if len(metrics) == 1 else f"{group.task}: {m}" for m in metrics]
+        if group.task == "ppl":
+            last_k = _config_value(group, "last_k")
+            names = {"ppl": "perplexity, whole window", "last_k_ppl": f"perplexity, last {last_k} tokens"}
+            titles = [names.get(m, m) for m in metrics]
+        figure = metric_by_length(group, metrics, labels, styles, titles)
+        if figure is not None:
+            yield Plot(f"{'ppl' if group.task == 'ppl' else 'metric'}-{stem}", section, group.model,
+                       f"{group.task}: {', '.join(metrics)} by length",
+                       f"{group.task}: {' and '.join(metrics)} by context length, one line per variant; "
+                       f"✕ out of memory. {_context(group)}.", figure)
+        if group.task == "ppl":
+            figure = position_loss(group, labels, styles)
+            if figure is not None:
+                yield Plot(f"position-loss-{stem}", section, group.model, "ppl: loss by position",
+                           f"Mean per-token NLL by position in the window (8 buckets), one panel per length. "
+                           f"{_context(group)}.", figure)
+    for (section, model, *_), members in families.items():
+        stem = f"{section}-{slugify(model_stem(model))}"
+        if section == "longbench":
+            figure = longbench_by_category(members, labels, styles)
+            title, caption = "LongBench: score by category", (
+                "LongBench mean task score per category and their mean (overall), one panel per context length; "
+                "hatched: log-n variants. "
+                f"{_context(members[0]).split(' (dotted line)')[0]}.")
+        else:
+            figure = tasks_by_length(members, labels, styles)
+            title, caption = "synthetic tasks: accuracy by length", (
+                f"Synthetic-task accuracy by context length, one panel per task. {_context(members[0])}.")
+        if figure is not None:
+            yield Plot(stem, section, model, title, caption, figure)
+
+
+def save(plot: Plot, directory: Path, formats: Iterable[str] = FORMATS) -> dict[str, Path]:
+    """Write the figure once per format; the PNG at 300 dpi. Metadata dates are dropped so reruns are identical."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None},
+                "svg": {"Date": None}}
+    with matplotlib.rc_context(STYLE):
+        for fmt in formats:
+            path = directory / f"{plot.stem}.{fmt}"
+            plot.figure.savefig(path, format=fmt, metadata=metadata.get(fmt), bbox_inches="tight",
+                                pad_inches=0.03, facecolor="white")
+            paths[fmt] = path
+            plot.figure.set_layout_engine("none")  # laid out once: the other formats reuse the positions
+    return paths
+
+
+def render(records: list[dict[str, Any]], directory: Path) -> list[tuple[Plot, dict[str, Path]]]:
+    """Draw and save every figure; returns each with its files (figures are released after saving)."""
+    out = []
+    stems: dict[str, int] = {}
+    with matplotlib.rc_context(STYLE):
+        for plot in figures(records):
+            stems[plot.stem] = stems.get(plot.stem, 0) + 1
+            if stems[plot.stem] > 1:  # same task and model under different settings
+                plot.stem = f"{plot.stem}-{stems[plot.stem]}"
+            out.append((plot, save(plot, directory)))
+            plot.figure.clear()
+    return out

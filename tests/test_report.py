@@ -1,0 +1,498 @@
+"""lctx report: tables, figures, the dashboard (rendered in headless Chromium) and the regression gate."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lctx import results
+from lctx.cli import app
+from lctx.report import cells, gate, plots, tables
+
+TRAIN = 256  # the tiny model's training length (tests/conftest.py)
+LB = {"qasper": 31.0, "narrativeqa": 17.0, "hotpotqa": 40.0, "gov_report": 25.0}  # longbench scores (×100)
+
+
+def rec(task="ppl", rope="none:logn=false", typed=None, length=1024, depth=None, status="ok", model="m",
+        train_len=2048, config=None, **metrics):
+    """A record in the store's schema (lctx/results.py)."""
+    return {"schema": 1, "run_id": "t", "model": model, "rope": rope, "rope_input": typed or rope.split(":")[0],
+            "task": task, "length": length, "depth": depth, "train_len": train_len, "dtype": "float32",
+            "attn": "sdpa", "config": config or {"samples": 1}, "status": status,
+            "error": None if status == "ok" else "OutOfMemoryError: CUDA out of memory", "metrics": metrics,
+            "finished_at": "2026-01-01T00:00:00"}
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def store(path: Path, records: list[dict]) -> Path:
+    s = results.Store(path)
+    for r in records:
+        s.append(r)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """Real records: lctx eval on the tiny model, two variants, ppl at and past the training length, passkey."""
+    out = tmp_path_factory.mktemp("eval")
+    runner = CliRunner()
+    base = ["eval", "--model", str(tiny_model_dir), "--rope", "none,pi:factor=2", "--dtype", "float32",
+            "--device", "cpu", "--out", str(out)]
+    done = runner.invoke(app, [*base, "--task", "ppl", "--lengths", "128,256,384", "--last-k", "64"])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(app, [*base, "--task", "passkey", "--lengths", "192,320", "--depths", "0,1",
+                               "--samples", "1", "--max-new-tokens", "4"])
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def extra_records(model: str) -> list[dict]:
+    """Hand-written records in the shapes other tasks write: longbench scores, synthetic accuracy, lm-eval, OOM."""
+    out = []
+    for k, (rope, typed) in enumerate([("none:logn=false", "none"), ("pi:factor=2:logn=false", "pi:factor=2")]):
+        for n in (128, 384):
+            for task, score in LB.items():
+                out.append(rec(f"longbench:{task}", rope, typed, n, model=model, train_len=TRAIN,
+                               score=score + 10 * k - (5 if n > TRAIN else 0)))
+            for j, task in enumerate(("niah-single", "vt")):
+                out.append(rec(f"synthetic:{task}", rope, typed, n, model=model, train_len=TRAIN,
+                               accuracy=0.9 - 0.1 * j - (0.4 if n > TRAIN and k == 0 else 0)))
+            out.append(rec("lm-eval:toytask", rope, typed, n, model=model, train_len=TRAIN, loss=2.0 + k + n / 1000))
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory, eval_dir, tiny_model_dir):
+    """One report of the real records plus the hand-written ones (written once: figures take seconds)."""
+    from lctx import report
+
+    records = results.Store(eval_dir).records() + extra_records(str(tiny_model_dir))
+    for record in [r for r in records if r["task"] == "ppl" and r["length"] == 384]:  # both variants OOM at 1k
+        records.append({**record, "length": 1024, "status": "oom", "metrics": {}, "error": "OutOfMemoryError: x"})
+    out = tmp_path_factory.mktemp("report")
+    written = report.write(records, out, title="tiny <report>", description="two variants\nof a tiny model",
+                           source=str(eval_dir))
+    return records, written
+
+
+# ---- tables ------------------------------------------------------------------------------------------------
+
+
+def test_tables_from_real_records_hold_the_recorded_values(eval_dir) -> None:
+    records = results.Store(eval_dir).records()
+    built = {(t.task, t.metric): t for t in tables.build(records)}
+    assert set(built) == {("ppl", "ppl"), ("ppl", "last_k_ppl"), ("passkey", "accuracy")}
+    ppl = built[("ppl", "ppl")]
+    assert ppl.lengths == [128, 256, 384] and ppl.variants == ["none", "pi:factor=2"]
+    assert [ppl.header(n) for n in ppl.lengths] == ["128", "256", "384*"]  # past the training length: *
+    assert not ppl.higher_is_better
+    for i, rope in enumerate(ppl.ropes):
+        for j, n in enumerate(ppl.lengths):
+            (r,) = [r for r in records if r["task"] == "ppl" and r["rope"] == rope and r["length"] == n]
+            assert ppl.cells[i][j].value == r["metrics"]["ppl"]
+    for j in range(len(ppl.lengths)):  # the best is the lowest perplexity of the column
+        values = [ppl.cells[i][j].value for i in range(2)]
+        if tables.format_number(values[0], "ppl") != tables.format_number(values[1], "ppl"):
+            assert ppl.best(j) == {values.index(min(values))}
+    passkey = built[("passkey", "accuracy")]
+    assert passkey.pooled and passkey.higher_is_better
+    for i, rope in enumerate(passkey.ropes):  # depths pooled: trials summed, Wilson interval recomputed
+        for j, n in enumerate(passkey.lengths):
+            part = [r for r in records if r["task"] == "passkey" and r["rope"] == rope and r["length"] == n]
+            assert len(part) == 2
+            correct, trials = sum(r["metrics"]["correct"] for r in part), sum(r["metrics"]["trials"] for r in part)
+            value = passkey.cells[i][j]
+            assert value.value == correct / trials
+            assert (value.low, value.high) == pytest.approx(wilson(correct, trials))
+
+
+def test_best_is_direction_aware_and_ties_do_not_highlight() -> None:
+    records = [rec(rope="a:x=1", typed="a", length=1024, ppl=5.0), rec(rope="b:x=1", typed="b", length=1024, ppl=4.0),
+               rec(rope="a:x=1", typed="a", length=4096, ppl=9.0), rec(rope="b:x=1", typed="b", length=4096,
+                                                                         status="oom"),
+               rec("passkey", "a:x=1", "a", 1024, depth=0.5, accuracy=0.8, correct=4, trials=5),
+               rec("passkey", "b:x=1", "b", 1024, depth=0.5, accuracy=0.4, correct=2, trials=5),
+               rec("passkey", "a:x=1", "a", 4096, depth=0.5, accuracy=1.0, correct=5, trials=5),
+               rec("passkey", "b:x=1", "b", 4096, depth=0.5, accuracy=1.0, correct=5, trials=5)]
+    ppl, acc = tables.build(records)
+    assert (ppl.metric, acc.metric) == ("ppl", "accuracy")
+    assert ppl.best(0) == {1}  # lower perplexity wins
+    assert ppl.best(1) == set()  # one value against an OOM: nothing to compare
+    assert acc.best(0) == {0}  # higher accuracy wins
+    assert acc.best(1) == set()  # a tie everywhere: no highlight
+    markdown = tables.table_markdown(ppl)
+    assert "| `b` | **4.000** | OOM |" in markdown and "| `a` | 5.000 | 9.000 |" in markdown
+    assert "| `a` | **80% [38–96]** | 100% [57–100] |" in tables.table_markdown(acc)
+
+
+def test_headline_metric_and_direction_for_known_and_unknown_tasks() -> None:
+    assert not cells.higher_is_better("ppl", "ppl") and cells.higher_is_better("passkey", "accuracy")
+    assert cells.table_metrics("ppl", ["nll", "ppl", "last_k_ppl", "tokens"]) == ["ppl", "last_k_ppl"]
+    assert cells.table_metrics("passkey", ["accuracy", "ci_low", "correct"]) == ["accuracy"]
+    # a task lctx does not know: a well-known metric, else the first that is not bookkeeping
+    assert cells.registered_task("mystery:task") is None
+    assert cells.table_metrics("mystery:task", ["f1", "score"]) == ["score"]
+    assert cells.table_metrics("mystery:task", ["tokens", "acc_stderr", "rouge_l", "bleu"]) == ["rouge_l"]
+    assert cells.higher_is_better("mystery:task", "rouge_l")
+    for metric in ("loss", "val_nll", "last_k_ppl", "perplexity"):
+        assert not cells.higher_is_better("mystery:task", metric), metric
+    assert cells.higher_is_better("longbench:qasper", "score") and cells.higher_is_better("synthetic:vt", "accuracy")
+
+
+def test_csv_holds_full_precision_numbers_and_statuses() -> None:
+    records = [rec(rope="a:x=1", length=1024, ppl=1 / 3), rec(rope="a:x=1", length=2048, status="oom"),
+               rec(rope="b:x=1", typed="b", length=1024, status="error"),
+               rec(rope="b:x=1", typed="b", length=2048, ppl=float("inf"))]
+    (table,) = tables.build(records)
+    rows = list(csv.reader(io.StringIO(tables.to_csv(table))))
+    assert rows[0] == ["variant", "rope", "1024", "2048"]
+    assert rows[1][:2] == ["a", "a:x=1"] and float(rows[1][2]) == 1 / 3 and rows[1][3] == "OOM"
+    assert rows[2][2] == "ERR" and float(rows[2][3]) == math.inf
+
+
+def test_latex_is_a_booktabs_float_with_escapes_best_and_markers() -> None:
+    records = [rec(rope="yarn:factor=4:x=1", typed="yarn:factor=4", length=n, model="org/my_model", ppl=p)
+               for n, p in ((2048, 6.0), (4096, 7.5))]
+    records += [rec(rope="none:logn=false", typed="none", length=n, model="org/my_model", ppl=p)
+                for n, p in ((2048, 5.9), (4096, 80.0))]
+    (table,) = tables.build(records)
+    tex = tables.to_latex(table)
+    assert tex.count(r"\begin{table}") == 1 and r"\begin{tabular}{lrr}" in tex
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert tex.count(rule) == 1
+    assert r"\texttt{org/my\_model}" in tex and r"\label{tab:lctx-ppl-ppl-my-model}" in tex
+    assert r"Variant & 2k & 4k\textsuperscript{*} \\" in tex  # training length 2048: 4k is past it
+    assert r"\texttt{none} & \textbf{5.900} & 80.00 \\" in tex
+    assert r"\texttt{yarn:factor=4} & 6.000 & \textbf{7.500} \\" in tex
+    body = "\n".join(line for line in tex.splitlines() if not line.startswith("%"))
+    assert not re.search(r"(?<!\\)[_%#]", body), "unescaped special character"
+    rows = [line for line in body.splitlines() if line.endswith(r"\\")]
+    assert len(rows) == 3 and all(line.count("&") == 2 for line in rows)
+
+
+# ---- figures -----------------------------------------------------------------------------------------------
+
+
+def test_variant_styles_are_stable_distinct_and_family_coloured() -> None:
+    labels = ["none", "ntk:factor=8", "ntk:factor=8:logn=true", "ntk:factor=4", "yarn:factor=4", "rerope:window=64",
+              "rerope:window=64:logn=true", "pi:factor=2", "self-extend", "my-variant"]
+    styles = plots.variant_styles(labels)
+    assert plots.variant_styles(reversed(labels)) == styles  # order of appearance does not matter
+    assert len({s.color for s in styles.values()}) == len(labels)  # one colour per variant
+    assert styles["none"].color == "#000000" and styles["yarn:factor=4"].color == plots.FAMILY_COLORS["yarn"].lower()
+    subset = plots.variant_styles(["yarn:factor=4", "none", "pi:factor=2"])  # another run, other variants
+    assert all(subset[x] == styles[x] for x in subset)
+    assert styles["ntk:factor=8:logn=true"].linestyle == "--" and styles["ntk:factor=8"].linestyle == "-"
+
+
+def _legend_colours(figure) -> dict[str, str]:
+    from matplotlib import colors
+    from matplotlib.lines import Line2D
+
+    out = {}
+    for legend in figure.legends:
+        for handle, text in zip(legend.legend_handles, legend.get_texts(), strict=True):
+            colour = handle.get_color() if isinstance(handle, Line2D) else handle.get_facecolor()
+            out[text.get_text()] = colors.to_hex(colour)
+    return out
+
+
+def test_figures_cover_every_task_with_one_colour_per_variant(full_report, tiny_model_dir) -> None:
+    records, _ = full_report
+    by_stem = {p.stem: p for p in plots.figures(records)}
+    stem = tables.slugify(tables.model_stem(str(tiny_model_dir)))
+    assert set(by_stem) == {f"ppl-ppl-{stem}", f"position-loss-ppl-{stem}", f"heatmap-passkey-{stem}",
+                            f"metric-lm-eval-toytask-{stem}", f"longbench-{stem}", f"synthetic-{stem}"}
+    seen: dict[str, str] = {}
+    for plot in by_stem.values():
+        for label, colour in _legend_colours(plot.figure).items():
+            if label not in ("out of memory", "infinite"):
+                assert seen.setdefault(label, colour) == colour, f"{label} changes colour in {plot.stem}"
+    assert set(seen) == {"none", "pi:factor=2"} and seen["none"] != seen["pi:factor=2"]
+
+    ppl = by_stem[f"ppl-ppl-{stem}"].figure
+    whole, last = ppl.axes[:2]
+    assert whole.get_yscale() == "log" and whole.get_xscale() == "log"
+    assert any(list(line.get_xdata()) == [TRAIN, TRAIN] for line in whole.lines)  # the training length
+    curves = {line.get_label(): line for line in whole.lines if len(line.get_xdata()) == 3}
+    assert len(curves) == 2
+    for line in curves.values():  # the plotted perplexities are the records'
+        rope = "none:logn=false" if line.get_color() == seen["none"] else "pi:factor=2:logn=false"
+        expected = [next(r["metrics"]["ppl"] for r in records if r["task"] == "ppl" and r["rope"] == rope and
+                         r["length"] == n and r["status"] == "ok") for n in (128, 256, 384)]
+        assert list(line.get_ydata()) == pytest.approx(expected)
+    oom = [line for line in whole.lines if line.get_marker() == "x" and list(line.get_xdata()) == [1024]]
+    assert len(oom) == 2  # each variant's OOM at 1024 is marked
+
+    synthetic = by_stem[f"synthetic-{stem}"].figure
+    assert [ax.get_title() for ax in synthetic.axes if ax.get_visible()] == ["niah-single", "vt"]
+    vt = [ax for ax in synthetic.axes if ax.get_title() == "vt"][0]
+    none_line = [line for line in vt.lines if line.get_color() == seen["none"]][0]
+    assert list(none_line.get_ydata()) == pytest.approx([0.8, 0.4])
+
+    heat = by_stem[f"heatmap-passkey-{stem}"].figure
+    images = [im for ax in heat.axes for im in ax.get_images()]
+    assert len(images) == 2 and {im.norm.vmin for im in images} == {0} and {im.norm.vmax for im in images} == {1}
+
+
+def test_longbench_figure_shows_category_means(full_report) -> None:
+    records, _ = full_report
+    groups = [g for g in cells.groups(records) if g.task.startswith("longbench:")]
+    labels = cells.variant_labels(records)
+    figure = plots.longbench_by_category(groups, labels, plots.variant_styles(labels.values()))
+    top = figure.axes[0]  # length 128, within the training length
+    assert [t.get_text() for t in top.get_xticklabels()] == ["single-doc QA", "multi-doc QA", "summarization",
+                                                             "overall"]
+    none_bars = [p.get_height() for p in top.patches[:4]]  # the first variant's bars, in category order
+    single = (LB["qasper"] + LB["narrativeqa"]) / 2
+    assert none_bars == pytest.approx([single, LB["hotpotqa"], LB["gov_report"],
+                                       (single + LB["hotpotqa"] + LB["gov_report"]) / 3])
+
+
+def test_report_files_png_pdf_svg_tables(full_report) -> None:
+    _, written = full_report
+    out = written.out
+    stems = {p.stem for p in written.figures}
+    assert len(written.figures) == 3 * len(stems) == 18
+    for stem in stems:
+        png = out / "figures" / f"{stem}.png"
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] >= 900  # 300 dpi
+        assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        svg = ET.parse(out / "figures" / f"{stem}.svg").getroot()
+        assert svg.tag.endswith("svg") and not svg.findall(".//{http://www.w3.org/2000/svg}text")  # text as paths
+    markdown = (out / "tables.md").read_text()
+    assert markdown.index("## ppl") < markdown.index("## passkey") < markdown.index("## longbench")
+    assert "### lm-eval:toytask · loss ↓" in markdown and "### synthetic:vt · accuracy ↑" in markdown
+    assert (out / "tables.tex").read_text().count(r"\begin{table}") == len(written.tables)
+    for table in written.tables:
+        assert (out / "tables" / f"{table.slug}.csv").is_file() and (out / "tables" / f"{table.slug}.tex").is_file()
+
+
+# ---- dashboard ---------------------------------------------------------------------------------------------
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_dashboard_is_self_contained(full_report) -> None:
+    _, written = full_report
+    page = written.index.read_text()
+    collector = _Collector()
+    collector.feed(page)
+    tags = collector.tags
+    csp = [a["content"] for t, a in tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp == ["default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
+    images = [a["src"] for t, a in tags if t == "img"]
+    assert len(images) == 6
+    for src in images:
+        prefix = "data:image/svg+xml;base64,"
+        assert src.startswith(prefix)
+        assert ET.fromstring(base64.b64decode(src[len(prefix):])).tag.endswith("svg")
+    for tag, attrs in tags:
+        for name, value in attrs.items():
+            assert not re.match(r"\s*(https?:)?//", value or ""), f"external reference <{tag} {name}={value}>"
+        if tag == "a" and not attrs["href"].startswith("#"):
+            assert (written.out / attrs["href"]).is_file(), attrs["href"]
+    assert sum(1 for t, a in tags if t == "table" and a.get("class") == "results") == len(written.tables)
+    assert "tiny &lt;report&gt;" in page and "<report>" not in page  # text is escaped
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+# run right after <head>, before the page's CSP meta takes effect: reports what the browser rendered
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images].map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width]);
+  const tables = [...document.querySelectorAll("table.results")].map(t => t.rows.length);
+  const best = document.querySelectorAll("td.best").length;
+  document.body.setAttribute("data-probe", JSON.stringify({images, tables, best}));
+});
+</script>"""
+
+
+def _page_requests(net_log: Path) -> list[str]:
+    """URLs of network requests a page started (the browser's own background requests have no origin)."""
+    text = net_log.read_text()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:  # a log cut short at exit lacks its closing brackets
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    jobs = [e.get("params", {}) for e in log["events"] if e["type"] == start]
+    return [job["url"] for job in jobs if job.get("url") and job.get("initiator", "not an origin") != "not an origin"]
+
+
+def _dump_dom(chromium: str, page: Path, net_log: Path) -> str:
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-extensions", "--virtual-time-budget=5000", f"--log-net-log={net_log}",
+                           "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary (Debian: apt-get install chromium)")
+def test_dashboard_renders_in_headless_chromium(full_report, tmp_path) -> None:
+    _, written = full_report
+    chromium = _chromium()
+    dom = _dump_dom(chromium, written.index, tmp_path / "net.json")
+    assert "<h1>tiny &lt;report&gt;</h1>" in dom and 'id="s-longbench"' in dom and 'id="s-synthetic"' in dom
+    assert dom.count('class="results"') == len(written.tables)
+    assert _page_requests(tmp_path / "net.json") == []  # the page fetched nothing over the network
+    control = tmp_path / "control.html"  # the same check sees a page that does fetch something
+    control.write_text('<html><body><img src="http://example.invalid/x.png"></body></html>')
+    _dump_dom(chromium, control, tmp_path / "control.json")
+    assert _page_requests(tmp_path / "control.json") == ["http://example.invalid/x.png"]
+
+    probe_page = written.out / "probe.html"  # next to index.html, so relative paths resolve the same
+    probe_page.write_text(written.index.read_text().replace("<head>", "<head>\n" + PROBE, 1))
+    dom = _dump_dom(chromium, probe_page, tmp_path / "net2.json")
+    match = re.search(r'data-probe="([^"]+)"', dom)
+    assert match, "the page did not finish loading"
+    probe = json.loads(match.group(1).replace("&quot;", '"'))
+    assert len(probe["images"]) == 6
+    for complete, natural_width, shown_width in probe["images"]:  # every SVG decoded and laid out
+        assert complete and natural_width > 100 and shown_width > 100
+    expected_rows = [len(t.variants) + 1 for t in written.tables]
+    assert probe["tables"] == expected_rows
+    assert probe["best"] == sum(len(t.best(j)) for t in written.tables for j in range(len(t.lengths)))
+
+
+# ---- regression gate ---------------------------------------------------------------------------------------
+
+
+def _gate_records():
+    baseline = [rec(length=1024, ppl=10.0), rec(length=2048, ppl=20.0), rec(length=4096, ppl=40.0),
+                rec(length=8192, ppl=80.0),
+                rec("passkey", length=1024, depth=0.0, accuracy=0.8, correct=4, trials=5),
+                rec("passkey", length=1024, depth=1.0, accuracy=0.8, correct=4, trials=5),
+                rec("passkey", length=2048, depth=0.0, accuracy=0.4, correct=2, trials=5),
+                rec("longbench:qasper", length=2048, score=30.0), rec("ppl", length=16384, ppl=99.0)]
+    current = [rec(length=1024, ppl=10.15),  # 1.5% worse: within 2%
+               rec(length=2048, ppl=20.6),  # 3% worse: regression
+               rec(length=4096, ppl=36.0),  # better
+               rec(length=8192, status="oom"),  # ok -> OOM: regression
+               rec("passkey", length=1024, depth=0.0, accuracy=0.6, correct=3, trials=5),
+               rec("passkey", length=1024, depth=1.0, accuracy=0.8, correct=4, trials=5),  # pooled 0.8 -> 0.7
+               rec("passkey", length=2048, depth=0.0, accuracy=0.6, correct=3, trials=5),  # better
+               rec("longbench:qasper", length=2048, score=29.9),  # 0.3% worse: within
+               rec("ppl", length=32768, ppl=150.0)]  # new cell; the 16384 baseline cell is missing
+    return current, baseline
+
+
+def test_gate_is_direction_aware_and_lists_missing_cells() -> None:
+    current, baseline = _gate_records()
+    result = gate.compare(current, baseline, gate.parse_tolerance("2%"))
+    regressed = {(c.key.task, c.key.metric, c.key.length, c.reason) for c in result.regressions}
+    assert regressed == {("ppl", "ppl", 2048, "worse"), ("ppl", "ppl", 8192, "ok → oom"),
+                         ("passkey", "accuracy", 1024, "worse")}
+    improved = {(c.key.task, c.key.length) for c in result.improvements}
+    assert improved == {("ppl", 4096), ("passkey", 2048)}
+    assert [(k.task, k.length) for k, _ in result.missing_in_current] == [("ppl", 16384)]
+    assert [(k.task, k.length) for k, _ in result.missing_in_baseline] == [("ppl", 32768)]
+    assert result.compared == 7 and not result.passed()
+    (ppl_change,) = [c for c in result.regressions if c.key.length == 2048]
+    assert ppl_change.delta() == "+0.6 (+3.0%)"
+    # an absolute tolerance of 0.1 accepts the passkey drop of 0.1 but not the perplexity rises of 0.15 and 0.6
+    absolute = gate.compare(current, baseline, gate.parse_tolerance("0.1"))
+    assert {(c.key.task, c.key.length) for c in absolute.regressions} == {("ppl", 1024), ("ppl", 2048), ("ppl", 8192)}
+    loose = gate.compare(current, baseline, gate.parse_tolerance("50%"))
+    assert [c.reason for c in loose.regressions] == ["ok → oom"]  # a status change is never tolerated
+    assert loose.passed() is False
+    lenient = gate.compare([r for r in current if r["length"] != 8192], baseline, gate.parse_tolerance("50%"))
+    assert lenient.passed() and not lenient.passed(fail_on_missing=True)
+
+
+@pytest.mark.parametrize("text", ["abc", "-2%", "2%%", "", "1e-2"])
+def test_tolerance_rejects_bad_values(text) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(text)) + r".*2%.*0\.05"):
+        gate.parse_tolerance(text)
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch) -> None:
+    """CLI output unwrapped (one table row, one message per line), whatever the terminal."""
+    from lctx import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)
+
+
+def test_report_cli_gate_exit_status_and_tables(tmp_path) -> None:
+    current, baseline = _gate_records()
+    cur, base = store(tmp_path / "cur", current), store(tmp_path / "base", baseline)
+    runner = CliRunner()
+    summary = tmp_path / "summary.md"
+    done = runner.invoke(app, ["report", str(cur), "--out", str(tmp_path / "rep"), "--baseline", str(base),
+                               "--tolerance", "2%", "--summary-md", str(summary)])
+    assert done.exit_code == 1, done.output
+    assert "FAILED: 3 of 7 cells regressed beyond 2%" in done.output
+    assert "Regressions: 3" in done.output and "+0.6 (+3.0%)" in done.output and "ok → oom" in done.output
+    assert "In the baseline, missing from the results: 1" in done.output
+    gate_md = (tmp_path / "rep" / "gate.md").read_text()
+    assert "### Regressions (3)" in gate_md and "### New in the results (not in the baseline) (1)" in gate_md
+    text = summary.read_text()
+    assert text.startswith("# lctx report: cur") and "## Regression gate ❌" in text
+    assert "### ppl · ppl ↓ · m (train 2k)" in text and "[" not in text.split("### ppl · ppl")[1]  # no intervals
+    assert 'class="gate fail"' in (tmp_path / "rep" / "index.html").read_text()
+
+    done = runner.invoke(app, ["report", str(cur), "--out", str(tmp_path / "rep2"), "--baseline", str(base),
+                               "--tolerance", "5%", "--no-figures"])
+    assert done.exit_code == 1 and "2 of 7" in done.output  # the OOM and the passkey drop remain
+    fixed = [r for r in current if r["length"] != 8192 and r["task"] != "passkey"]
+    done = runner.invoke(app, ["report", str(store(tmp_path / "fixed", fixed)), "--out", str(tmp_path / "rep3"),
+                               "--baseline", str(base), "--tolerance", "5%", "--no-figures"])
+    assert done.exit_code == 0 and "passed" in done.output
+    done = runner.invoke(app, ["report", str(tmp_path / "fixed"), "--out", str(tmp_path / "rep3"),
+                               "--baseline", str(base), "--tolerance", "5%", "--fail-on-missing", "--no-figures"])
+    assert done.exit_code == 1 and "missing from the results" in done.output
+    assert "Wrote 2 tables and 0 figure files" in done.output and not (tmp_path / "rep3" / "figures").exists()
+
+
+def test_report_cli_usage_errors(tmp_path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(app, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    assert done.exit_code == 2 and "nowhere" in done.output and "does not exist" in done.output
+    (tmp_path / "empty").mkdir()
+    done = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert done.exit_code == 2 and "has no records" in done.output
+    cur = store(tmp_path / "cur", [rec(ppl=1.0)])
+    done = runner.invoke(app, ["report", str(cur), "--out", str(tmp_path / "r"), "--baseline", str(cur),
+                               "--tolerance", "two"])
+    assert done.exit_code == 2 and "invalid tolerance 'two'" in done.output
+    assert not (tmp_path / "r").exists()  # nothing written for a bad command
+
+
+def test_report_cli_writes_the_report(eval_dir, tiny_model_dir, tmp_path) -> None:
+    done = CliRunner().invoke(app, ["report", str(eval_dir), "--out", str(tmp_path / "rep")])
+    assert done.exit_code == 0, done.output
+    assert "Wrote 3 tables and 9 figure files" in done.output and "index.html" in done.output
+    stem = tables.slugify(tables.model_stem(str(tiny_model_dir)))
+    assert (tmp_path / "rep" / "figures" / f"heatmap-passkey-{stem}.pdf").is_file()
