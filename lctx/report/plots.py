@@ -27,6 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import blended_transform_factory
 
+from lctx.evals import longbench
 from lctx.report import cells
 from lctx.report.cells import Group
 from lctx.report.tables import model_stem, slugify
@@ -80,16 +81,6 @@ LIGHTNESS_STEPS = (0.0, 0.22, -0.16, 0.36, -0.28, 0.48)  # shades of one family'
 RETRIEVAL_CMAP = "viridis"
 METRIC_NAMES = {"ppl": "perplexity", "last_k_ppl": "perplexity", "nll": "NLL (nats)", "last_k_nll": "NLL (nats)"}
 
-# LongBench (Bai et al., 2023) task categories, in the paper's order, for tasks whose object carries none
-LONGBENCH_CATEGORIES = {
-    "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
-    "multi-doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
-    "summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
-    "few-shot": ("trec", "triviaqa", "samsum", "lsht"),
-    "synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
-    "code": ("lcc", "repobench-p"),
-}
-LONGBENCH_CATEGORY = {task: category for category, tasks in LONGBENCH_CATEGORIES.items() for task in tasks}
 
 
 @dataclass(frozen=True)
@@ -407,7 +398,7 @@ def _longbench_category(task: str) -> str:
     if isinstance(category, str) and category:
         return category
     dataset = getattr(found, "dataset", None) or task.split(":", 1)[1].removesuffix("_e")
-    return LONGBENCH_CATEGORY.get(dataset, "other")
+    return longbench.CATEGORY.get(dataset, "other")
 
 
 def longbench_by_category(groups: list[Group], labels: dict[str, str], styles: dict[str, Style]) -> Figure | None:
@@ -430,7 +421,7 @@ def longbench_by_category(groups: list[Group], labels: dict[str, str], styles: d
     ropes = list(dict.fromkeys(ropes))
     lengths = sorted({n for n, _, _ in scores})
     present = {c for _, c, _ in scores}
-    categories = [c for c in LONGBENCH_CATEGORIES if c in present] + sorted(present - set(LONGBENCH_CATEGORIES))
+    categories = [c for c in longbench.CATEGORIES if c in present] + sorted(present - set(longbench.CATEGORIES))
     for n in lengths:
         for rope in ropes:
             found = [means[(n, c, rope)] for c in categories if (n, c, rope) in means]
