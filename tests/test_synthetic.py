@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from lctx import data, evals, models, patches, results, runner
-from lctx.evals import Cell, Context, EvalOptions, TaskError
+from lctx.evals import Cell, Context, EvalOptions, TaskError, passkey
 from lctx.evals import synthetic as syn
 
 # lengths the tiny tokenizer (vocab 512, ~1.6 characters per token) can build every member at
@@ -241,7 +241,7 @@ def test_scores_come_from_what_the_model_outputs(tiny, monkeypatch):
         prompt = next(task.build(ctx, 800, t) for t in range(2) if task.build(ctx, 800, t).ids == ids)
         return data.encode(tiny.tokenizer, " " + ", ".join(prompt.answers[:2]).upper(), special=False)
 
-    monkeypatch.setattr(syn, "greedy", half_right)
+    monkeypatch.setattr(passkey, "greedy", half_right)
     (outcome,) = task.run(ctx, patches.parse("none"), [Cell(800)], lambda cost: None).values()
     assert [t["found"] for t in outcome.samples] == [[True, True, False, False]] * 2
     assert outcome.metrics["score"] == 0.5 and outcome.metrics["accuracy"] == 0.0

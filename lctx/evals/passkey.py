@@ -15,10 +15,12 @@ output equals the key. Each (length, depth) cell aggregates its trials: accuracy
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +105,18 @@ def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: set[int], min_n
             break
         out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{name: out[name]})
     return generated
+
+
+@contextlib.contextmanager
+def answering(ctx: Context, spec: RopeSpec, length: int, max_new: int) -> Iterator[Callable[[list[int]], str]]:
+    """Greedy answers to prompts of ``length`` tokens under ``spec``, decoded to text.
+
+    Length-dependent variants are frozen at prompt + answer, so cached keys and new queries agree.
+    """
+    tok = ctx.tokenizer
+    stop = {i for i in (tok.eos_token_id, getattr(tok, "pad_token_id", None)) if i is not None}
+    with patches.apply(ctx.model, spec, ctx.train_len, seq_len=length + max_new):
+        yield lambda ids: tok.decode(greedy(ctx.model, ids, max_new, stop), skip_special_tokens=True)
 
 
 def first_number(text: str) -> str | None:
@@ -195,17 +209,13 @@ class RetrievalTask(Task):
 
     def run(self, ctx: Context, spec: RopeSpec, cells: list[Cell], report: Report) -> dict[Cell, Outcome]:
         options = ctx.options
-        max_new = self.max_new_tokens(options)
-        tok = ctx.tokenizer
-        stop = {i for i in (tok.eos_token_id, getattr(tok, "pad_token_id", None)) if i is not None}
         outcomes = {}
         for cell in cells:
             trials = []
-            # length-dependent variants scale once for prompt + answer, so cached keys and new queries agree
-            with patches.apply(ctx.model, spec, ctx.train_len, seq_len=cell.length + max_new):
+            with answering(ctx, spec, cell.length, self.max_new_tokens(options)) as answer_to:
                 for trial in range(self.samples(options)):
                     prompt = self.build_prompt(ctx, cell.length, cell.depth, trial)
-                    output = tok.decode(greedy(ctx.model, prompt.ids, max_new, stop), skip_special_tokens=True)
+                    output = answer_to(prompt.ids)
                     answer = first_number(output)
                     trials.append({
                         "trial": trial, "value": prompt.value, "output": output, "answer": answer,

@@ -60,7 +60,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lctx import data, patches
+from lctx import data
 from lctx.evals import (
     Cell,
     Context,
@@ -72,7 +72,7 @@ from lctx.evals import (
     forward_cost,
     register_family,
 )
-from lctx.evals.passkey import FILLER, accuracy_metrics, greedy, nearest
+from lctx.evals.passkey import FILLER, accuracy_metrics, answering, nearest
 from lctx.patches import RopeSpec
 
 PREFIX = "synthetic"
@@ -379,17 +379,13 @@ class SyntheticTask(Task):
 
     def run(self, ctx: Context, spec: RopeSpec, cells: list[Cell], report: Report) -> dict[Cell, Outcome]:
         options = ctx.options
-        max_new = self.max_new_tokens(options)
-        tok = ctx.tokenizer
-        stop = {i for i in (tok.eos_token_id, getattr(tok, "pad_token_id", None)) if i is not None}
         outcomes = {}
         for cell in cells:
             trials = []
-            # length-dependent variants scale once for prompt + answer, so cached keys and new queries agree
-            with patches.apply(ctx.model, spec, ctx.train_len, seq_len=cell.length + max_new):
+            with answering(ctx, spec, cell.length, self.max_new_tokens(options)) as answer_to:
                 for trial in range(self.samples(options)):
                     prompt = self.build(ctx, cell.length, trial)
-                    output = tok.decode(greedy(ctx.model, prompt.ids, max_new, stop), skip_special_tokens=True)
+                    output = answer_to(prompt.ids)
                     found = string_match_all(output, prompt.answers)
                     trials.append({"trial": trial, "answers": prompt.answers, "output": output, "found": found,
                                    "score": sum(found) / len(found), "correct": all(found),
