@@ -257,8 +257,9 @@ def _causal_band(acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor,
                 lse = torch.cat([lse.new_full((*lse.shape[:2], skip), torch.finfo(lse.dtype).min), lse], dim=2)
             acc = out, lse
         else:
-            out, lse = acc
+            out, lse = acc[0].float(), acc[1]  # fp32 already, unless the near part came from the masked path
             out[:, :, skip:], lse[:, :, skip:] = _merge(out[:, :, skip:], lse[:, :, skip:], part, part_lse)
+            acc = out, lse
     return acc
 
 
