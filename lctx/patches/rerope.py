@@ -69,23 +69,33 @@ class _Rotation:
         scale = self.info.attention_scaling if kind == "cache" else 1.0
         return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
 
+    def _table(self, kind: str, dtype: torch.dtype, device: torch.device,
+               size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (kind, dtype, device)
+        if key not in self.tables or self.tables[key][0].shape[0] < size:
+            grown = max(4096, 1 << (size - 1).bit_length())
+            self.tables[key] = self._compute(torch.arange(grown, device=device), kind, dtype)
+        return self.tables[key]
+
     def cos_sin(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (..., rotary_dim / 2) of the ``kind`` angle at integer ``positions``."""
         if positions.numel() == 0 or int(positions.min()) < 0:
             return self._compute(positions, kind, dtype)
-        key, size = (kind, dtype, positions.device), int(positions.max()) + 1
-        if key not in self.tables or self.tables[key][0].shape[0] < size:
-            grown = max(4096, 1 << (size - 1).bit_length())
-            self.tables[key] = self._compute(torch.arange(grown, device=positions.device), kind, dtype)
-        cos, sin = self.tables[key]
+        cos, sin = self._table(kind, dtype, positions.device, int(positions.max()) + 1)
         return cos[positions], sin[positions]
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str, start: int | None = None) -> torch.Tensor:
         """x (B, H, T, D) rotated by the ``kind`` angle of positions (B, T), as apply_rotary_pos_emb rotates.
 
+        ``start`` says every row's positions are start, start + 1, …: the table is sliced instead of indexed.
         Written on halves (x1·cos − x2·sin, x2·cos + x1·sin) into one new tensor, without rotate_half's copies.
         """
-        cos, sin = (t[:, None] for t in self.cos_sin(positions, kind, x.dtype))
+        length = x.shape[2]
+        if start is not None and start >= 0:
+            cos, sin = (t[None, None, start:start + length]
+                        for t in self._table(kind, x.dtype, x.device, start + length))
+        else:
+            cos, sin = (t[:, None] for t in self.cos_sin(positions, kind, x.dtype))
         half = self.info.rotary_dim // 2
         x1, x2 = x[..., :half], x[..., half:2 * half]
         out = torch.empty_like(x)
@@ -263,6 +273,29 @@ def _causal_band(acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor,
     return acc
 
 
+def _one_row(near: tuple[torch.Tensor, torch.Tensor], far: tuple[torch.Tensor, torch.Tensor] | None,
+             value: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float | None) -> torch.Tensor:
+    """A single query row (a decoding step): far and near scores side by side, one softmax, (B, Hq, 1, D).
+
+    ``near`` and ``far`` are (query, keys) pairs; the far keys and then the near keys are consecutive cache slots,
+    whose values ``value`` holds in that order. The scores, (B, Hq, keys), are as small as the cache.
+    """
+    q, k = near
+    b, heads, _, d = q.shape
+    groups = k.shape[1]  # query heads of one key head are consecutive: group them as rows of that key head
+    parts = [near] if far is None else [far, near]
+    scores = torch.cat([q.reshape(b, groups, -1, d) @ k.transpose(-1, -2) for q, k in parts], dim=-1).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        mask = mask[:, :, 0]  # (B, 1 or Hq, keys)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        scores = scores + mask.float().reshape(b, 1 if mask.shape[1] == 1 else groups, -1, mask.shape[-1])
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    return (weights @ value).view(b, heads, 1, -1)
+
+
 def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, *, rotate: _Rotation, params: Mapping[str, Any],
                        scaling: float | None = None, softcap: float | None = None, sliding_window: int | None = None,
@@ -285,16 +318,24 @@ def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         query = scale_query(query, positions, rotate.info.train_len)
     pos_k = positions[:, -1:] - (k_len - 1) + torch.arange(k_len, device=query.device)
     pos_q = pos_k[:, offset:]
+    first = pos_k[:, 0]  # every row's key slots at consecutive positions: one start for all rows, if they agree
+    start = int(first[0]) if batch == 1 or bool((first == first[0]).all()) else None
 
     near_lo = max(0, offset - min(window, reach) + 1)  # the first key any query sees within the window
-    q_near = rotate(query, pos_q, "near")
-    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:], "near")
+    q_near = rotate(query, pos_q, "near", None if start is None else start + offset)
+    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:], "near", None if start is None else start + near_lo)
     v_near = value[:, :, near_lo:]
     far_lo, far_hi = max(0, offset - reach + 1), k_len - window if window < reach else 0
     if far_hi > far_lo:
-        q_far = rotate(query, pos_q, "far")
+        q_far = rotate(query, pos_q, "far", None if start is None else start + offset)
         k_far = key[:, :, far_lo:far_hi]  # as cached: rotated at gk(j)
         v_far = value[:, :, far_lo:far_hi]
+
+    if q_len == 1:
+        lo = far_lo if far_hi > far_lo else near_lo
+        out = _one_row((q_near, k_near), (q_far, k_far) if far_hi > far_lo else None, value[:, :, lo:],
+                       None if attention_mask is None else attention_mask[..., lo:], scale, softcap)
+        return out.transpose(1, 2), None
 
     out = query.new_empty(batch, q_len, heads, value.shape[-1])
     cache: MaskCache = {}
