@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lctx import evals, models, patches, runner, toy
+from lctx import evals, memory, models, patches, runner, toy
 
 app = typer.Typer(
     help="Long-context extrapolation evaluation: patch a model's RoPE and measure it past its training "
@@ -133,6 +133,10 @@ def eval_(
                                        help="wrap generation prompts in the tokenizer's chat template"),
     task_arg: list[str] = typer.Option([], "--task-arg",
                                        help="KEY=VALUE option for the tasks that read KEY (repeatable)"),
+    max_memory: str | None = typer.Option(None, "--max-memory", callback=_parsed(memory.parse_size),
+                                          help="skip (record as oom) cells whose up-front memory estimate, "
+                                          "weights included, is over this size, e.g. 3GiB; the estimate of "
+                                          "the largest cell is printed either way"),
 ) -> None:
     """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes, resumable.
 
@@ -145,7 +149,8 @@ def eval_(
         last_k=last_k, data=data_path, text_field=text_field, dataset=dataset, needle=needle, question=question,
         out=out, force=force, shard=shard, dtype=dtype, device=device, attn=attn, device_map=device_map,
         train_len=train_len, target_len=target_len, seed=seed, max_new_tokens=max_new_tokens,
-        data_dir=data_dir, chat_template=chat_template, task_args=task_args, argv=["lctx", *sys.argv[1:]],
+        data_dir=data_dir, chat_template=chat_template, task_args=task_args, max_memory=max_memory,
+        argv=["lctx", *sys.argv[1:]],
     )
     try:
         code = runner.run(options, console)

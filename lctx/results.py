@@ -9,7 +9,8 @@ Layout of an output directory (``--out``, default ``results/``)::
 
 A **cell** is one (model, rope, task, length[, depth]) under one configuration. Its key is
 (model, rope, task, length, depth, train_len, dtype, attn, config): re-running a command skips cells whose
-latest record has status ``ok`` or ``oom`` (``--force`` recomputes; ``error`` cells are always retried).
+latest record has status ``ok`` or ``oom`` (``--force`` recomputes; ``error`` cells, and cells skipped by
+``--max-memory``, are always retried).
 When a key has several records, the last one written wins.
 
 Record schema (``schema`` = 1)::
@@ -31,6 +32,8 @@ Record schema (``schema`` = 1)::
                          niah:    samples, seed, max_new_tokens, needle, question, data
     status             ok | oom | error
     error              null, or "ExceptionType: message" (status oom/error)
+    over_budget        true when the cell was not run because its memory estimate exceeded --max-memory
+                       (status oom); such cells are retried by the next run, under its own budget
     metrics            aggregated over samples; {} unless status is ok
                          ppl:     ppl, nll (token-weighted mean NLL, nats), tokens, last_k_ppl, last_k_nll,
                                   last_k_tokens, bucket_nll (8 mean NLLs by position bucket),
@@ -48,6 +51,8 @@ Record schema (``schema`` = 1)::
     peak_memory_bytes  CUDA: torch.cuda.max_memory_allocated during the cell (weights included);
                        CPU: peak growth of the process RSS over its value at the start of the cell
     memory_kind        cuda_max_allocated | cpu_rss_growth
+    process_peak_bytes CPU: peak RSS of the whole process during the cell (weights, interpreter included)
+    memory_estimate_bytes  lctx.memory's up-front estimate for the cell's unit (weights included)
     shared_forward     lengths computed together in one forward (ppl, length-independent variants), if any
     finished_at        ISO-8601 UTC time the record was written (milliseconds)
     traceback          status error only: the end of the Python traceback
@@ -135,7 +140,8 @@ class Store:
         return list(self.latest().values())
 
     def completed(self) -> set[str]:
-        return {key for key, record in self.latest().items() if record.get("status") in DONE}
+        return {key for key, record in self.latest().items()
+                if record.get("status") in DONE and not record.get("over_budget")}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

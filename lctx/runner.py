@@ -42,7 +42,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from lctx import data, evals, models, patches, results
+from lctx import data, evals, memory, models, patches, results
 from lctx.evals import Cell, Context, EvalOptions, Outcome, Task
 from lctx.patches import RopeSpec
 from lctx.patches.arch import UnsupportedModelError, training_length
@@ -56,7 +56,7 @@ class EvalError(ValueError):
 
 
 # Errors that mean "the command is wrong" (printed as one line, exit status 2), not "a cell failed".
-USAGE_ERRORS = (EvalError, evals.TaskError, patches.SpecError, data.DataError, models.ModelLoadError,
+USAGE_ERRORS = (EvalError, evals.TaskError, patches.SpecError, data.DataError, models.ModelLoadError, memory.SizeError,
                 UnsupportedModelError)
 
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kKmM]?)\s*$")
@@ -154,6 +154,7 @@ class Meter:
         self.interval = interval
         self.seconds = 0.0
         self.peak_bytes: int | None = None
+        self.process_peak_bytes: int | None = None  # CPU: the whole process's peak RSS
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_growth"
 
     def __enter__(self) -> Meter:
@@ -196,6 +197,7 @@ class Meter:
             self._thread.join()
             self._peak = max(self._peak, self._rss())
             self.peak_bytes = int(self._peak - self._base)
+            self.process_peak_bytes = int(self._peak)
         self.seconds = time.perf_counter() - self._t0
 
 
@@ -234,6 +236,7 @@ class Unit:
     train_len: int
     config: dict[str, Any]
     base: dict[str, Any] = field(repr=False, default_factory=dict)  # key fields shared by its records
+    estimate: memory.Estimate | None = None  # peak memory of its longest cell (lctx.memory)
 
     def record_base(self, cell: Cell) -> dict[str, Any]:
         return {**self.base, "length": cell.length, "depth": cell.depth}
@@ -272,6 +275,7 @@ def plan(options: EvalOptions) -> Plan:
     if any(t.uses_corpus for t in tasks):
         data.open_corpus(options.data, options.dataset, options.text_field)  # fail early on a bad --data
     dtype = _dtype_name(options)
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     units: list[Unit] = []
     train_lens: dict[str, int] = {}
     for model in options.models:
@@ -290,11 +294,23 @@ def plan(options: EvalOptions) -> Plan:
                 base = {"model": model, "rope": full.canonical, "task": task.name, "train_len": train_len,
                         "dtype": dtype, "attn": options.attn, "config": task_config}
                 for group in task.groups(full, cells, options):
-                    units.append(Unit(model, task, full, typed, group, train_len, task_config, base))
+                    unit = Unit(model, task, full, typed, group, train_len, task_config, base)
+                    unit.estimate = _estimate(config, unit, options, dtype_bytes)
+                    units.append(unit)
     total = sum(len(u.cells) for u in units)
     if options.shard is not None:
         units = shard_units(units, options)
     return Plan(units, total, train_lens)
+
+
+def _estimate(config: Any, unit: Unit, options: EvalOptions, dtype_bytes: int) -> memory.Estimate | None:
+    """The unit's peak memory from the config alone; None for a config lctx.memory cannot read."""
+    try:
+        return memory.estimate(config, max(c.length for c in unit.cells), dtype_bytes=dtype_bytes,
+                               profile=unit.task.memory_profile, attention=options.attn,
+                               chunked=unit.spec.variant.kind == "attention", batch=unit.task.memory_batch(options))
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _spec_text(spec: RopeSpec) -> str:
@@ -404,6 +420,22 @@ def _now() -> str:
 # ---- running -----------------------------------------------------------------------------------------------
 
 
+class MemoryBudgetExceeded(MemoryError):
+    """A cell's up-front memory estimate is over --max-memory (recorded as oom, not run)."""
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free now: system RAM available on CPU, free memory of the CUDA device."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no estimate of what is free is not an error
+        return None
+
+
 @dataclass
 class Summary:
     planned: int = 0  # cells of this shard
@@ -454,7 +486,7 @@ class Runner:
 
     def record(self, unit: Unit, cell: Cell, *, status: str, meter: Meter, outcome: Outcome | None = None,
                error: BaseException | None = None, device: torch.device,
-               trace: str | None = None) -> dict[str, Any]:
+               trace: str | None = None, over_budget: bool = False) -> dict[str, Any]:
         record = {
             "schema": results.SCHEMA_VERSION,
             "run_id": self.run_id,
@@ -469,12 +501,16 @@ class Runner:
             "seconds": round(meter.seconds, 4),
             "peak_memory_bytes": meter.peak_bytes,
             "memory_kind": meter.kind,
+            "process_peak_bytes": meter.process_peak_bytes,
+            "memory_estimate_bytes": None if unit.estimate is None else unit.estimate.total,
             **(outcome.extra if outcome else {}),
             "finished_at": _now(),
             "lctx_version": lctx_version(),
         }
         if trace:
             record["traceback"] = trace
+        if over_budget:
+            record["over_budget"] = True
         self.store.append(record)
         setattr(self.summary, status, getattr(self.summary, status) + 1)
         return record
@@ -544,7 +580,7 @@ class Runner:
                 regrouped = [cells]
             for group in regrouped:
                 pending.append(Unit(unit.model, unit.task, unit.spec, unit.spec_input, group, unit.train_len,
-                                    unit.config, unit.base))
+                                    unit.config, unit.base, unit.estimate))
         shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
         self.console.print(
             f"lctx eval{shard}: {self.summary.planned} cells"
@@ -554,6 +590,7 @@ class Runner:
             + (" [dim](--force: recomputing all)[/]" if options.force else "")
         )
         checked = self._preflight(pending)
+        pending = self._memory_check(pending)
         manifest_path = Path(options.out) / f"manifest-{self.run_id}.json"
         meta = manifest(options, self.run_id, the_plan, None)
         results.write_json(manifest_path, {**meta, "status": "running"})
@@ -572,6 +609,39 @@ class Runner:
         if self.summary.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_ERRORS if self.summary.error else EXIT_OK
+
+    def _memory_check(self, pending: list[Unit]) -> list[Unit]:
+        """Print the largest up-front estimate; record units over --max-memory as oom (not run) and drop them."""
+        known = [u for u in pending if u.estimate is not None]
+        if not known:
+            return pending
+        largest = max(known, key=lambda u: u.estimate.total)
+        budget = self.options.max_memory
+        device = models.resolve_device(self.options.device)
+        available = _available_memory(device)
+        where = f"{escape(largest.label([max(largest.cells, key=lambda c: c.length)]))}"
+        limit = (f"--max-memory {memory.format_size(budget)}" if budget else
+                 f"{memory.format_size(available)} available on {device.type}" if available else "")
+        self.console.print(f"memory estimate: largest cell {where} {largest.estimate.describe()}"
+                           + (f"; {limit}" if limit else ""))
+        if not budget and available and largest.estimate.total > available:
+            self.console.print("[yellow]warning:[/] the largest cells may not fit in memory; "
+                               "--max-memory skips cells over a budget instead of attempting them")
+        if not budget:
+            return pending
+        kept = []
+        for unit in pending:
+            if unit.estimate is None or unit.estimate.total <= budget:
+                kept.append(unit)
+                continue
+            error = MemoryBudgetExceeded(f"estimated {memory.format_size(unit.estimate.total)} > --max-memory "
+                                         f"{memory.format_size(budget)}; not run")
+            for cell in unit.cells:
+                self.record(unit, cell, status="oom", meter=Meter(device), error=error, device=device,
+                            over_budget=True)
+            self.console.print(f"[yellow]✗ OOM[/] {escape(unit.model)} · {escape(unit.label())}: {error} "
+                               f"({unit.estimate.describe()})")
+        return kept
 
     def _preflight(self, pending: list[Unit]) -> set[str]:
         """Check the data of every model's pending cells with its tokenizer alone, before loading weights.

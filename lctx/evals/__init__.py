@@ -61,6 +61,7 @@ class EvalOptions:
     data_dir: Path | None = None  # task data files (LongBench: one <task>.jsonl per task)
     chat_template: bool = False  # wrap generation prompts in the tokenizer's chat template
     task_args: dict[str, str] = field(default_factory=dict)  # --task-arg KEY=VALUE, read by the tasks that know KEY
+    max_memory: int | None = None  # bytes: skip cells whose up-front estimate (lctx.memory) is larger
     argv: list[str] = field(default_factory=list)
 
 
@@ -126,9 +127,14 @@ class Task:
     uses_depths: ClassVar[bool] = False
     uses_corpus: ClassVar[bool] = False  # reads --data/--dataset (or the default corpus)
     default_samples: ClassVar[int] = 1
+    memory_profile: ClassVar[str] = "prefill"  # what it keeps of the last layer: lctx.memory.PROFILES
 
     def samples(self, options: EvalOptions) -> int:
         return options.samples or self.default_samples
+
+    def memory_batch(self, options: EvalOptions) -> int:
+        """Sequences of a cell's length in memory at once (for the up-front memory estimate)."""
+        return 1
 
     def config(self, options: EvalOptions) -> dict[str, Any]:
         """Task options that change results; part of each cell's key."""

@@ -217,11 +217,15 @@ class LmEvalTask(Task):
 
     metric = "score"
     higher_is_better = True
+    memory_profile = "logits"  # HFLM scores continuations from every position's logits
     description = "an lm-eval task or group, run by lm_eval.simple_evaluate on the patched model"
 
     def __init__(self, task: str) -> None:
         self.task = task
         self.name = f"{PREFIX}:{task}"
+
+    def memory_batch(self, options: EvalOptions) -> int:
+        return _int_arg(options, "batch_size", 1) or 1
 
     def samples(self, options: EvalOptions) -> int | None:  # type: ignore[override]
         return options.samples  # None: every document

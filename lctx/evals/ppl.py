@@ -175,6 +175,7 @@ class Perplexity(Task):
     higher_is_better = False
     default_samples = 1
     uses_corpus = True
+    memory_profile = "loss"
 
     def config(self, options: EvalOptions) -> dict[str, Any]:
         return {
