@@ -58,7 +58,7 @@ from lctx.evals import (
     register_family,
 )
 from lctx.evals import longbench_metrics as lm
-from lctx.evals.passkey import accuracy_metrics, greedy
+from lctx.evals.passkey import accuracy_metrics, chat_wrapper, greedy
 from lctx.patches import RopeSpec
 
 HF_V1 = "THUDM/LongBench"
@@ -380,7 +380,6 @@ def source_id(options: EvalOptions, hub: str) -> str:
 
 # ---- prompts -----------------------------------------------------------------------------------------------
 
-_SENTINEL = "\x00lctx-message\x00"
 
 
 @dataclass
@@ -400,19 +399,6 @@ def middle_truncate(ids: list[int], budget: int) -> list[int]:
         return ids
     head = budget // 2
     return ids[:head] + ids[len(ids) - (budget - head):]
-
-
-def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
-    """Ids of the chat template before and after a single user message (with the generation prompt)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise TaskError("--chat-template: this tokenizer has no chat template (a base model?); run without "
-                        "--chat-template")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                             add_generation_prompt=True)
-    before, found, after = rendered.partition(_SENTINEL)
-    if not found:
-        raise TaskError("--chat-template: the tokenizer's chat template does not show the user message verbatim")
-    return data.encode(tokenizer, before, special=False), data.encode(tokenizer, after, special=False)
 
 
 def build_prompt(tokenizer, text: str, budget: int, chat: bool) -> PromptIds:

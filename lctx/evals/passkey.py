@@ -107,6 +107,22 @@ def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: set[int], min_n
     return generated
 
 
+_MESSAGE = "\x00lctx-message\x00"  # stands for the user message while the template is rendered
+
+
+def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of the chat template before and after a single user message (with the generation prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TaskError("--chat-template: this tokenizer has no chat template (a base model?); run without "
+                        "--chat-template")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MESSAGE}], tokenize=False,
+                                             add_generation_prompt=True)
+    before, found, after = rendered.partition(_MESSAGE)
+    if not found:
+        raise TaskError("--chat-template: the tokenizer's chat template does not show the user message verbatim")
+    return data.encode(tokenizer, before, special=False), data.encode(tokenizer, after, special=False)
+
+
 @contextlib.contextmanager
 def answering(ctx: Context, spec: RopeSpec, length: int, max_new: int) -> Iterator[Callable[[list[int]], str]]:
     """Greedy answers to prompts of ``length`` tokens under ``spec``, decoded to text.

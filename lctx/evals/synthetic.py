@@ -72,7 +72,7 @@ from lctx.evals import (
     forward_cost,
     register_family,
 )
-from lctx.evals.passkey import FILLER, accuracy_metrics, answering, nearest
+from lctx.evals.passkey import FILLER, accuracy_metrics, answering, chat_wrapper, nearest
 from lctx.patches import RopeSpec
 
 PREFIX = "synthetic"
@@ -170,20 +170,6 @@ def tail_of(unit: list[int], tokens: int) -> list[int]:
 def noise_pad(enc: Encoder, tokens: int) -> list[int]:
     """``tokens`` ids ending RULER's noise text, then a newline."""
     return tail_of(enc(" " + FILLER) + enc("\n"), tokens)
-
-
-def chat_parts(tokenizer) -> tuple[list[int], list[int]]:
-    """The chat template's ids before and after a user message (the generation prompt included)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise TaskError("--chat-template: this model's tokenizer has no chat template; run without "
-                        "--chat-template (plain prompts with the tokenizer's own BOS)")
-    mark = "\u2063lctx-message\u2063"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
-                                         add_generation_prompt=True)
-    head, found, tail = text.partition(mark)
-    if not found:
-        raise TaskError("--chat-template: the tokenizer's chat template does not show the user message")
-    return data.encode(tokenizer, head, special=False), data.encode(tokenizer, tail, special=False)
 
 
 @dataclass
@@ -347,7 +333,7 @@ class SyntheticTask(Task):
         enc = encoder(ctx)
         text = self.body(plan)
         if chat:
-            head, tail = chat_parts(ctx.tokenizer)
+            head, tail = chat_wrapper(ctx.tokenizer)
             after = enc(text.question) + tail + enc(text.answer_prefix.lstrip())
         else:
             head, after = data.special_prefix(ctx.tokenizer), enc(text.question) + enc(text.answer_prefix)
