@@ -92,6 +92,8 @@ class Settings:
     sweep_reps: int
     long_lengths: tuple[int, ...]
     long_passkey_lengths: tuple[int, ...]
+    long_chunk_lengths: tuple[int, ...]  # passkey again with --prefill-chunk, for none and rerope
+    long_chunk: int = 4096
     long_variants: tuple[str, ...] = ("none", "yarn:factor=4", "dynamic-ntk:factor=4", "rerope")
     sweep_variants: tuple[str, ...] = ("none", "yarn:factor=4", "rerope")  # the full run times two, for its budget
     quick: bool = False
@@ -101,13 +103,13 @@ FULL = Settings(prefill_lengths=(1024, 4096), prefill_target=4096, reps=2,
                 memory_lengths={1024: "attention", 4096: "all", 16384: "attention"}, memory_target=16384,
                 naive_time_length=1024, decode_context=8192, decode_steps=8, decode_rounds=3,
                 sweep_lengths=tuple(range(1024, 8193, 1024)), sweep_reps=2, long_lengths=(8192, 16384, 32768),
-                long_passkey_lengths=(16384, 32768),
+                long_passkey_lengths=(16384, 32768), long_chunk_lengths=(16384,),
                 sweep_variants=("none", "rerope"))
 QUICK = Settings(prefill_lengths=(256, 512), prefill_target=512, reps=2,
                  memory_lengths={256: "attention", 512: "all", 1024: "attention"}, memory_target=1024,
                  naive_time_length=256, decode_context=1024, decode_steps=3, decode_rounds=2,
                  sweep_lengths=tuple(range(128, 1025, 128)), sweep_reps=1, long_lengths=(256, 512),
-                 long_passkey_lengths=(512,),
+                 long_passkey_lengths=(512,), long_chunk_lengths=(512,), long_chunk=128,
                  long_variants=("none", "yarn:factor=4", "rerope"), quick=True)
 
 
@@ -549,6 +551,15 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                     depths=[0.5], out=out, force=force, dtype="float32", device="cpu",
                                     argv=["python", "-m", "benchmarks.run", "--only", "long"])
         codes[length] = runner.run(options, console)
+    chunk_out = out / f"prefill-chunk-{settings.long_chunk}"  # same cell keys (results are equal): own folder
+    chunk_variants = [BASELINE, "rerope"]
+    for length in settings.long_chunk_lengths:
+        log(f"long: lctx eval --task passkey --lengths {length} --rope {','.join(chunk_variants)} --samples 1 "
+            f"--depths 0.5 --prefill-chunk {settings.long_chunk}")
+        runner.run(evals.EvalOptions(models=[MODEL], ropes=chunk_variants, tasks=["passkey"], lengths=[length],
+                                     samples=1, depths=[0.5], out=chunk_out, force=force, dtype="float32",
+                                     device="cpu", prefill_chunk=settings.long_chunk,
+                                     argv=["python", "-m", "benchmarks.run", "--only", "long"]), console)
     store = results.Store(out)
     latest = {(r["task"], r["rope"], r["length"]): r for r in store.records() if r.get("model") == MODEL}
     longest = max(settings.long_lengths)
@@ -583,6 +594,21 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                              size(record.get("peak_memory_bytes")), size(peak),
                              size(record.get("memory_estimate_bytes")), value,
                              "; ".join(verdicts) if judged else ""])
+    chunked = {(r["rope"], r["length"]): r for r in results.Store(chunk_out).records() if r.get("model") == MODEL}
+    chunk_rows = []
+    for length in settings.long_chunk_lengths:
+        for spec in chunk_variants:
+            canonical = patches.parse(spec).resolve(train_len).canonical
+            one, many = latest.get(("passkey", canonical, length), {}), chunked.get((canonical, length), {})
+            metrics = many.get("metrics") or {}
+            chunk_rows.append([f"`{spec}`", results.format_length(length), many.get("status", "missing"),
+                               secs(many.get("seconds")), fmt_ratio(ratio(many.get("seconds"), one.get("seconds"))),
+                               size(many.get("process_peak_bytes")), size(one.get("process_peak_bytes")),
+                               size(many.get("memory_estimate_bytes")),
+                               f"{metrics['correct']}/{metrics['trials']}" if "correct" in metrics else "–",
+                               "same" if many.get("samples") and one.get("samples") and
+                               [t["output"] for t in many["samples"]] == [t["output"] for t in one["samples"]]
+                               else "–"])
     lengths = ",".join(results.format_length(n) for n in settings.long_lengths)
     passkey = ",".join(results.format_length(n) for n in settings.long_passkey_lengths)
     section.lines += [
@@ -600,6 +626,13 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
         "values of all 30 layers: 1.41 GiB in fp32 at 32k) on top of what ppl needs.",
         "", *table(["variant", "task", "length", "status", "seconds", "time ratio", "growth", "process peak",
                     "estimate", "result", f"targets at {results.format_length(longest)}"], rows)]
+    if chunk_rows:
+        section.lines += [
+            "", f"Passkey again with `--prefill-chunk {settings.long_chunk}` (the prompt fed through the KV cache "
+            f"{settings.long_chunk} tokens at a time; records in `{chunk_out}`), against the one-forward prefill "
+            "of the table above:", "",
+            *table(["variant", "length", "status", "seconds", "time vs one forward", "process peak",
+                    "process peak, one forward", "estimate", "result", "output"], chunk_rows)]
     return section
 
 

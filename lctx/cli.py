@@ -127,6 +127,10 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="seed for passkey/niah keys and filler offsets"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
                                               help="generation tasks: tokens to generate (default per task)"),
+    prefill_chunk: str | None = typer.Option(None, "--prefill-chunk", callback=_parsed(runner.parse_length),
+                                             help="generation tasks: feed the prompt through the KV cache this "
+                                             "many tokens at a time (e.g. 4k): activation memory scales with "
+                                             "the chunk, not the prompt; results are the same"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="task data files, e.g. LongBench's "
                                          "<task>.jsonl files"),
     chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template",
@@ -150,7 +154,7 @@ def eval_(
         out=out, force=force, shard=shard, dtype=dtype, device=device, attn=attn, device_map=device_map,
         train_len=train_len, target_len=target_len, seed=seed, max_new_tokens=max_new_tokens,
         data_dir=data_dir, chat_template=chat_template, task_args=task_args, max_memory=max_memory,
-        argv=["lctx", *sys.argv[1:]],
+        prefill_chunk=prefill_chunk, argv=["lctx", *sys.argv[1:]],
     )
     try:
         code = runner.run(options, console)

@@ -123,21 +123,31 @@ def formula_parameters(config: Any) -> int:
 
 
 def estimate(config: Any, length: int, *, dtype_bytes: int = 4, profile: str = "prefill",
-             attention: str = "sdpa", chunked: bool = False, batch: int = 1) -> Estimate:
-    """Peak memory of one forward over ``batch`` × ``length`` tokens; ``chunked``: the ReRoPE family's attention."""
+             attention: str = "sdpa", chunked: bool = False, batch: int = 1,
+             prefill_chunk: int | None = None) -> Estimate:
+    """Peak memory of one forward over ``batch`` × ``length`` tokens; ``chunked``: the ReRoPE family's attention.
+
+    ``prefill_chunk`` (profile ``prefill``): the prompt goes through the KV cache that many rows at a time, so
+    activations are a chunk's, plus the chunk's mask against every key (counted as fp32).
+    """
     if profile not in PROFILES:
         raise ValueError(f"memory profile {profile!r}: choose one of {', '.join(PROFILES)}")
     s = shape(config)
     n, b = length, dtype_bytes
-    residual = 3 * n * s["d"] + 2 * n * s["head_dim"]  # with the cos/sin tables every layer reads
-    mlp = 3 * n * s["inter"] + n * s["d"]
-    attn = 2 * n * (s["q_dim"] + s["kv_dim"]) + n * s["kv_dim"] + n * s["q_dim"]
+    rows = min(n, prefill_chunk) if profile == "prefill" and prefill_chunk else n
+    residual = 3 * rows * s["d"] + 2 * rows * s["head_dim"]  # with the cos/sin tables every layer reads
+    mlp = 3 * rows * s["inter"] + rows * s["d"]
+    attn = 2 * rows * s["q_dim"] + 3 * rows * s["kv_dim"] + rows * s["q_dim"]
+    if rows < n:  # the later chunks' keys and values are the cache's
+        attn = 3 * rows * s["q_dim"]
     logits_rows = {"loss": min(n, LOSS_CHUNK) * 2, "prefill": 1, "logits": n * 2}[profile]
     if attention == "eager" and not chunked:
-        scores = 2 * s["heads"] * n * n * 4
+        scores = 2 * s["heads"] * rows * n * 4
     else:
-        scores = min(n, ATTENTION_CHUNK) * n * 4 if chunked else 0
-    small = n * 8 + 2**16  # position ids (int64) and a few small tensors
+        scores = min(rows, ATTENTION_CHUNK) * n * 4 if chunked else 0
+    if rows < n:
+        scores += rows * n * 4  # the chunk's causal mask against the cache
+    small = rows * 8 + 2**16  # position ids (int64) and a few small tensors
     return Estimate(weights=parameters(config) * b, activations=batch * ((residual + max(mlp, attn)) * b + small),
                     cache=batch * 2 * s["layers"] * n * s["kv_dim"] * b if profile == "prefill" else 0,
                     logits=batch * logits_rows * s["vocab"] * 4, attention=batch * scores)

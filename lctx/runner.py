@@ -25,7 +25,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,7 @@ class Unit:
     config: dict[str, Any]
     base: dict[str, Any] = field(repr=False, default_factory=dict)  # key fields shared by its records
     estimate: memory.Estimate | None = None  # peak memory of its longest cell (lctx.memory)
+    chunked_estimate: memory.Estimate | None = None  # the same with --prefill-chunk HINT_CHUNK (generation tasks)
 
     def record_base(self, cell: Cell) -> dict[str, Any]:
         return {**self.base, "length": cell.length, "depth": cell.depth}
@@ -296,6 +297,9 @@ def plan(options: EvalOptions) -> Plan:
                 for group in task.groups(full, cells, options):
                     unit = Unit(model, task, full, typed, group, train_len, task_config, base)
                     unit.estimate = _estimate(config, unit, options, dtype_bytes)
+                    if task.memory_profile == "prefill" and not options.prefill_chunk:
+                        unit.chunked_estimate = _estimate(config, unit, replace(options, prefill_chunk=HINT_CHUNK),
+                                                          dtype_bytes)
                     units.append(unit)
     total = sum(len(u.cells) for u in units)
     if options.shard is not None:
@@ -303,12 +307,16 @@ def plan(options: EvalOptions) -> Plan:
     return Plan(units, total, train_lens)
 
 
+HINT_CHUNK = 4096  # the --prefill-chunk an over-budget generation cell's message suggests
+
+
 def _estimate(config: Any, unit: Unit, options: EvalOptions, dtype_bytes: int) -> memory.Estimate | None:
     """The unit's peak memory from the config alone; None for a config lctx.memory cannot read."""
     try:
         return memory.estimate(config, max(c.length for c in unit.cells), dtype_bytes=dtype_bytes,
                                profile=unit.task.memory_profile, attention=options.attn,
-                               chunked=unit.spec.variant.kind == "attention", batch=unit.task.memory_batch(options))
+                               chunked=unit.spec.variant.kind == "attention", batch=unit.task.memory_batch(options),
+                               prefill_chunk=options.prefill_chunk)
     except (TypeError, ValueError, AttributeError):
         return None
 
@@ -579,8 +587,7 @@ class Runner:
             else:
                 regrouped = [cells]
             for group in regrouped:
-                pending.append(Unit(unit.model, unit.task, unit.spec, unit.spec_input, group, unit.train_len,
-                                    unit.config, unit.base, unit.estimate))
+                pending.append(replace(unit, cells=group))
         shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
         self.console.print(
             f"lctx eval{shard}: {self.summary.planned} cells"
@@ -634,8 +641,11 @@ class Runner:
             if unit.estimate is None or unit.estimate.total <= budget:
                 kept.append(unit)
                 continue
+            hint = unit.chunked_estimate is not None and unit.chunked_estimate.total <= budget
             error = MemoryBudgetExceeded(f"estimated {memory.format_size(unit.estimate.total)} > --max-memory "
-                                         f"{memory.format_size(budget)}; not run")
+                                         f"{memory.format_size(budget)}; not run"
+                                         + (f" (with --prefill-chunk {format_length(HINT_CHUNK)}: "
+                                            f"{memory.format_size(unit.chunked_estimate.total)})" if hint else ""))
             for cell in unit.cells:
                 self.record(unit, cell, status="oom", meter=Meter(device), error=error, device=device,
                             over_budget=True)

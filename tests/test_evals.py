@@ -362,3 +362,37 @@ def test_smollm2_perplexity_and_passkey_within_its_training_length(smollm2) -> N
     cell = Cell(512, 0.5)
     outcome = task.run(pk, spec, [cell], no_report)[cell]
     assert outcome.metrics["correct"] == 2, [t["output"] for t in outcome.samples]
+
+
+CHUNKED_SPECS = ["none", "pi:factor=4", "yarn:factor=4", "dynamic-ntk:factor=4", "ntk:factor=4:logn=true",
+                 "rerope:window=16", "leaky-rerope:window=16:k=4", "self-extend:window=16:group=4"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3", "gpt_neox"])
+def test_chunked_prefill_equals_one_forward(arch: str) -> None:
+    """Prompt fed through the cache 13 tokens at a time: same last logits and same greedy answer as one forward."""
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    for spec in CHUNKED_SPECS:
+        with patches.apply(model, spec, train_len=64, seq_len=len(ids) + 6):
+            whole = passkey.prefill(model, ids).logits[0, -1]
+            chunked = passkey.prefill(model, ids, chunk=13).logits[0, -1]
+            assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5), (arch, spec, (chunked - whole).abs().max())
+            assert passkey.greedy(model, ids, 6, set(), prefill_chunk=13) == passkey.greedy(model, ids, 6, set())
+
+
+def test_passkey_cell_with_prefill_chunks_records_the_same_trials(tiny) -> None:
+    task, cell = passkey.Passkey(), Cell(300, 0.5)
+    widths: list[int] = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                with_kwargs=True)
+    try:
+        outcomes = []
+        for chunk in (None, 64):
+            widths.clear()
+            options = context(tiny, samples=2, prefill_chunk=chunk)
+            outcomes.append(task.run(options, resolved("rerope:window=32", 256), [cell], no_report)[cell])
+            assert [w for w in widths if w > 1] == ([300] if chunk is None else [64, 64, 64, 64, 44]) * 2
+    finally:
+        hook.remove()
+    assert [t["output"] for t in outcomes[0].samples] == [t["output"] for t in outcomes[1].samples]

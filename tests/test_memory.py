@@ -140,3 +140,36 @@ def _toy_config():
     from lctx import models
 
     return models.load_config(TOY)
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_prefill_estimate_bounds_the_live_tensors_with_and_without_chunks(chunk: int | None) -> None:
+    """A cached prefill (what generation tasks run): activations, KV cache and the chunk's mask."""
+    from lctx.evals.passkey import prefill
+
+    model = tiny_model("llama", hidden_size=128, intermediate_size=384, num_hidden_layers=3)
+    ids = torch.randint(3, 128, (1024,)).tolist()
+    with LiveBytes() as live:
+        out = prefill(model, ids, chunk)
+    del out
+    e = memory.estimate(model.config, 1024, profile="prefill", prefill_chunk=chunk)
+    assert live.peak <= e.total - e.weights <= 2 * live.peak, (live.peak, e)
+
+
+def test_over_budget_generation_cells_suggest_prefill_chunks_that_fit(tmp_path, monkeypatch) -> None:
+    from lctx import runner as lctx_runner
+
+    monkeypatch.setattr(lctx_runner, "HINT_CHUNK", 128)
+    whole = memory.estimate(_toy_config(), 512, profile="prefill").total
+    chunked = memory.estimate(_toy_config(), 512, profile="prefill", prefill_chunk=128).total
+    assert chunked < whole
+    args = ["eval", "--model", TOY, "--rope", "none", "--task", "passkey", "--lengths", "512", "--depths", "0.5",
+            "--samples", "1", "--out", str(tmp_path), "--max-memory", str(chunked)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (record,) = records(tmp_path)
+    assert record["over_budget"] and "(with --prefill-chunk 128: " in record["error"]
+    result = CliRunner().invoke(app, [*args, "--prefill-chunk", "128"])
+    assert result.exit_code == 0, result.output
+    latest = records(tmp_path)[-1]
+    assert latest["status"] == "ok" and latest["memory_estimate_bytes"] == chunked and "over_budget" not in latest

@@ -62,6 +62,7 @@ class EvalOptions:
     chat_template: bool = False  # wrap generation prompts in the tokenizer's chat template
     task_args: dict[str, str] = field(default_factory=dict)  # --task-arg KEY=VALUE, read by the tasks that know KEY
     max_memory: int | None = None  # bytes: skip cells whose up-front estimate (lctx.memory) is larger
+    prefill_chunk: int | None = None  # generation tasks: feed prompts through the KV cache this many tokens at once
     argv: list[str] = field(default_factory=list)
 
 

@@ -491,7 +491,7 @@ class GenerationTask(Task):
                  min_new_tokens: int = 0) -> tuple[str, int]:
         """(decoded answer, number of new tokens); length-dependent variants scale for prompt + max_new."""
         with patches.apply(ctx.model, spec, ctx.train_len, seq_len=len(prompt.ids) + max_new):
-            new = greedy(ctx.model, prompt.ids, max_new, stops, min_new_tokens)
+            new = greedy(ctx.model, prompt.ids, max_new, stops, min_new_tokens, ctx.options.prefill_chunk)
         return ctx.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 

@@ -86,14 +86,30 @@ def _cache_name(model) -> str:
 
 
 @torch.inference_mode()
-def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: set[int], min_new_tokens: int = 0) -> list[int]:
+def prefill(model, ids: list[int], chunk: int | None = None):
+    """The model's output for prompt ``ids`` with its KV cache, last position's logits only, ``chunk`` at a time."""
+    name = _cache_name(model)
+    prompt = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
+    past: dict[str, Any] = {}
+    for start in range(0, len(ids), chunk or len(ids)):
+        out = model(input_ids=prompt[:, start:start + (chunk or len(ids))], use_cache=True, logits_to_keep=1, **past)
+        past = {name: out[name]}
+    return out
+
+
+@torch.inference_mode()
+def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: set[int], min_new_tokens: int = 0,
+           prefill_chunk: int | None = None) -> list[int]:
     """Greedy decoding with the KV cache; the prefill computes logits for the last position only.
 
-    Stop tokens cannot be chosen for the first ``min_new_tokens`` steps (as transformers' ``min_new_tokens``).
+    ``prefill_chunk`` feeds the prompt through the cache that many tokens at a time, so activations scale with
+    the chunk instead of the prompt (every lctx variant supports it: rotations depend on positions only, and
+    length-dependent variants are frozen by the caller). Stop tokens cannot be chosen for the first
+    ``min_new_tokens`` steps (as transformers' ``min_new_tokens``).
     """
     device = model.get_input_embeddings().weight.device
     name = _cache_name(model)
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    out = prefill(model, ids, prefill_chunk)
     generated: list[int] = []
     for step in range(max_new_tokens):
         logits = out.logits[0, -1]
@@ -132,7 +148,8 @@ def answering(ctx: Context, spec: RopeSpec, length: int, max_new: int) -> Iterat
     tok = ctx.tokenizer
     stop = {i for i in (tok.eos_token_id, getattr(tok, "pad_token_id", None)) if i is not None}
     with patches.apply(ctx.model, spec, ctx.train_len, seq_len=length + max_new):
-        yield lambda ids: tok.decode(greedy(ctx.model, ids, max_new, stop), skip_special_tokens=True)
+        yield lambda ids: tok.decode(greedy(ctx.model, ids, max_new, stop, prefill_chunk=ctx.options.prefill_chunk),
+                                     skip_special_tokens=True)
 
 
 def first_number(text: str) -> str | None:
