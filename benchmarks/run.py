@@ -552,8 +552,9 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                     argv=["python", "-m", "benchmarks.run", "--only", "long"])
         codes[length] = runner.run(options, console)
     chunk_out = out / f"prefill-chunk-{settings.long_chunk}"  # same cell keys (results are equal): own folder
-    chunk_variants = [BASELINE, "rerope"]
-    for length in settings.long_chunk_lengths:
+    chunk_variants = [spec for spec in (BASELINE, "rerope") if spec in variants]
+    chunk_lengths = [n for n in settings.long_chunk_lengths if n in settings.long_lengths]
+    for length in chunk_lengths if chunk_variants else []:
         log(f"long: lctx eval --task passkey --lengths {length} --rope {','.join(chunk_variants)} --samples 1 "
             f"--depths 0.5 --prefill-chunk {settings.long_chunk}")
         runner.run(evals.EvalOptions(models=[MODEL], ropes=chunk_variants, tasks=["passkey"], lengths=[length],
@@ -596,7 +597,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                              "; ".join(verdicts) if judged else ""])
     chunked = {(r["rope"], r["length"]): r for r in results.Store(chunk_out).records() if r.get("model") == MODEL}
     chunk_rows = []
-    for length in settings.long_chunk_lengths:
+    for length in chunk_lengths:
         for spec in chunk_variants:
             canonical = patches.parse(spec).resolve(train_len).canonical
             one, many = latest.get(("passkey", canonical, length), {}), chunked.get((canonical, length), {})
@@ -740,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_lengths:
         settings = replace(settings, long_lengths=tuple(runner.parse_lengths(args.long_lengths)))
     if args.long_variants:
-        settings = replace(settings, long_variants=tuple(s.canonical for s in patches.parse_list(args.long_variants)))
+        patches.parse_list(args.long_variants)  # a bad spec fails here, with the grammar
+        settings = replace(settings, long_variants=tuple(v.strip() for v in args.long_variants.split(",")))
     wanted = [s.strip() for item in args.only for s in item.split(",") if s.strip()] or list(DEFAULT_SECTIONS)
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:

@@ -237,7 +237,7 @@ def test_scores_come_from_what_the_model_outputs(tiny, monkeypatch):
     task = syn.MEMBERS["niah-multivalue"]
     ctx = Context(loaded=tiny, train_len=tiny.train_len, options=options(samples=2), corpus=data.open_corpus())
 
-    def half_right(model, ids, max_new_tokens, stop_ids, min_new_tokens=0):
+    def half_right(model, ids, max_new_tokens, stop_ids, min_new_tokens=0, prefill_chunk=None):
         prompt = next(task.build(ctx, 800, t) for t in range(2) if task.build(ctx, 800, t).ids == ids)
         return data.encode(tiny.tokenizer, " " + ", ".join(prompt.answers[:2]).upper(), special=False)
 
