@@ -10,7 +10,8 @@ What is counted, for one sequence of L tokens at b bytes per element (inference 
   RoPE's cos/sin (2·L·head_dim), the position ids,
   plus either the MLP's gate, up and product (3·L·I) and its output (L·d), or attention's q, k, v, their
   rotated copies and output — whichever is larger. Layers run one after another, so one layer's worth;
-- KV cache (generation tasks): keys and values of every layer, 2·layers·L·kv_dim·b;
+- KV cache (generation tasks): keys and values of every layer, 2·layers·L·kv_dim·b, reserved once for the
+  prompt and the answer (``lctx.evals.passkey.reserved_cache``: decoding steps write into it, never copy it);
 - logits: fp32, for the positions kept (``loss``: chunks of ``lctx.evals.ppl.CHUNK`` rows, with
   log-softmax, ×2; ``prefill``: the last position; ``logits``: every position, ×2);
 - attention scores: ``eager`` holds heads·L² fp32 scores and their softmax; SDPA's fused kernels and the
@@ -148,6 +149,7 @@ def estimate(config: Any, length: int, *, dtype_bytes: int = 4, profile: str = "
     if rows < n:
         scores += rows * n * 4  # the chunk's causal mask against the cache
     small = rows * 8 + 2**16  # position ids (int64) and a few small tensors
-    return Estimate(weights=parameters(config) * b, activations=batch * ((residual + max(mlp, attn)) * b + small),
-                    cache=batch * 2 * s["layers"] * n * s["kv_dim"] * b if profile == "prefill" else 0,
+    activations = batch * ((residual + max(mlp, attn)) * b + small)
+    cache = batch * 2 * s["layers"] * n * s["kv_dim"] * b if profile == "prefill" else 0
+    return Estimate(weights=parameters(config) * b, activations=activations, cache=cache,
                     logits=batch * logits_rows * s["vocab"] * 4, attention=batch * scores)

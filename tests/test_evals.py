@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import ARCHS, tiny_model
+from transformers import DynamicCache
 
 from lctx import data, patches
 from lctx.evals import Cell, Context, EvalOptions, TaskError, niah, passkey, ppl
@@ -396,3 +397,15 @@ def test_passkey_cell_with_prefill_chunks_records_the_same_trials(tiny) -> None:
     finally:
         hook.remove()
     assert [t["output"] for t in outcomes[0].samples] == [t["output"] for t in outcomes[1].samples]
+
+
+def test_reserved_cache_equals_concatenation_and_grows_past_its_reserve() -> None:
+    model = tiny_model("llama")
+    cache, plain = passkey.reserved_cache(model, 10), DynamicCache(config=model.config)
+    for width in (8, 1, 1, 5, 1):  # the fourth update outgrows the 10 reserved positions
+        k, v = torch.randn(1, 2, width, 16), torch.randn(1, 2, width, 16)
+        got, expected = cache.layers[0].update(k, v), plain.layers[0].update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert cache.get_seq_length() == 16 and cache.layers[0].capacity == 20
+    cache.crop(-3)
+    assert cache.get_seq_length() == 13 and cache.layers[0].filled == 13

@@ -173,3 +173,15 @@ def test_over_budget_generation_cells_suggest_prefill_chunks_that_fit(tmp_path, 
     assert result.exit_code == 0, result.output
     latest = records(tmp_path)[-1]
     assert latest["status"] == "ok" and latest["memory_estimate_bytes"] == chunked and "over_budget" not in latest
+
+
+def test_decoding_keeps_within_the_prefill_estimate() -> None:
+    """Greedy decoding writes into the reserved cache: no step holds a second copy of it."""
+    from lctx.evals.passkey import greedy
+
+    model = tiny_model("llama", hidden_size=128, intermediate_size=384, num_hidden_layers=3)
+    ids = torch.randint(3, 128, (1024,)).tolist()
+    with LiveBytes() as live:
+        greedy(model, ids, 8, set())
+    e = memory.estimate(model.config, 1024 + 8, profile="prefill")
+    assert live.peak <= e.total - e.weights <= 2 * live.peak, (live.peak, e)
