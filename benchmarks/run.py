@@ -94,6 +94,7 @@ class Settings:
     long_passkey_lengths: tuple[int, ...]
     long_chunk_lengths: tuple[int, ...]  # passkey again with --prefill-chunk, for none and rerope
     long_chunk: int = 4096
+    long_tasks: tuple[str, ...] = ("ppl", "passkey")
     long_variants: tuple[str, ...] = ("none", "yarn:factor=4", "dynamic-ntk:factor=4", "rerope")
     sweep_variants: tuple[str, ...] = ("none", "yarn:factor=4", "rerope")  # the full run times two, for its budget
     quick: bool = False
@@ -544,7 +545,10 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                      out=Path(scratch), dtype="float32", device="cpu"), console)
     codes = {}
     for length in settings.long_lengths:
-        tasks = ["ppl", "passkey"] if length in settings.long_passkey_lengths else ["ppl"]
+        tasks = [t for t in (["ppl", "passkey"] if length in settings.long_passkey_lengths else ["ppl"])
+                 if t in settings.long_tasks]
+        if not tasks:
+            continue
         log(f"long: lctx eval --task {','.join(tasks)} --lengths {length} --rope {','.join(variants)} "
             f"--samples 1 --depths 0.5")
         options = evals.EvalOptions(models=[MODEL], ropes=variants, tasks=tasks, lengths=[length], samples=1,
@@ -554,7 +558,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
     chunk_out = out / f"prefill-chunk-{settings.long_chunk}"  # same cell keys (results are equal): own folder
     chunk_variants = [spec for spec in (BASELINE, "rerope") if spec in variants]
     chunk_lengths = [n for n in settings.long_chunk_lengths if n in settings.long_lengths]
-    for length in chunk_lengths if chunk_variants else []:
+    for length in chunk_lengths if chunk_variants and "passkey" in settings.long_tasks else []:
         log(f"long: lctx eval --task passkey --lengths {length} --rope {','.join(chunk_variants)} --samples 1 "
             f"--depths 0.5 --prefill-chunk {settings.long_chunk}")
         runner.run(evals.EvalOptions(models=[MODEL], ropes=chunk_variants, tasks=["passkey"], lengths=[length],
@@ -563,6 +567,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                      argv=["python", "-m", "benchmarks.run", "--only", "long"]), console)
     store = results.Store(out)
     latest = {(r["task"], r["rope"], r["length"]): r for r in store.records() if r.get("model") == MODEL}
+    revisions = _revisions(out)
     longest = max(settings.long_lengths)
     rows = []
     for task in ("ppl", "passkey"):
@@ -575,7 +580,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                 record = latest.get((task, resolved.canonical, length))
                 if record is None:
                     rows.append([f"`{spec}`", task, results.format_length(length),
-                                 f"missing (exit {codes.get(length, '–')})", *["–"] * 7])
+                                 f"missing (exit {codes.get(length, '–')})", *["–"] * 8])
                     continue
                 metrics = record.get("metrics") or {}
                 value = (f"ppl {metrics['ppl']:.2f}" if task == "ppl" and metrics.get("ppl") else
@@ -593,7 +598,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                 rows.append([f"`{spec}`", task, results.format_length(length), record.get("status", "–"),
                              secs(record.get("seconds")), fmt_ratio(time_ratio) if spec != BASELINE else "",
                              size(record.get("peak_memory_bytes")), size(peak),
-                             size(record.get("memory_estimate_bytes")), value,
+                             size(record.get("memory_estimate_bytes")), value, revisions.get(record["run_id"], "?"),
                              "; ".join(verdicts) if judged else ""])
     chunked = {(r["rope"], r["length"]): r for r in results.Store(chunk_out).records() if r.get("model") == MODEL}
     chunk_rows = []
@@ -607,6 +612,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                size(many.get("process_peak_bytes")), size(one.get("process_peak_bytes")),
                                size(many.get("memory_estimate_bytes")),
                                f"{metrics['correct']}/{metrics['trials']}" if "correct" in metrics else "–",
+                               _revisions(chunk_out).get(many.get("run_id"), "?"),
                                "same" if many.get("samples") and one.get("samples") and
                                [t["output"] for t in many["samples"]] == [t["output"] for t in one["samples"]]
                                else "–"])
@@ -622,19 +628,31 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
         "the cell (weights, interpreter and tokenizer included; what the issue's targets and the 'figures to "
         "beat' measure), *estimate* = `lctx.memory`'s up-front estimate (what `--max-memory` compares). "
         "*Time ratio*: the cell's seconds over the unpatched (`none`, SDPA) cell of the same task and length "
-        "(the first cell of each call, `none`'s ppl, also tokenizes the corpus: about a second). "
+        "(the first cell of each call, `none`'s ppl, also tokenizes the corpus: about a second). *lctx*: the git "
+        "revision of the run that wrote the record (+: uncommitted changes); a rerun with `--long-force` and a "
+        "subset of lengths or variants replaces only those records. "
         "ppl is over the whole window (PPL of all L − 1 predictions); passkey holds its KV cache (keys and "
         "values of all 30 layers: 1.41 GiB in fp32 at 32k) on top of what ppl needs.",
         "", *table(["variant", "task", "length", "status", "seconds", "time ratio", "growth", "process peak",
-                    "estimate", "result", f"targets at {results.format_length(longest)}"], rows)]
+                    "estimate", "result", "lctx", f"targets at {results.format_length(longest)}"], rows)]
     if chunk_rows:
         section.lines += [
             "", f"Passkey again with `--prefill-chunk {settings.long_chunk}` (the prompt fed through the KV cache "
             f"{settings.long_chunk} tokens at a time; records in `{chunk_out}`), against the one-forward prefill "
             "of the table above:", "",
             *table(["variant", "length", "status", "seconds", "time vs one forward", "process peak",
-                    "process peak, one forward", "estimate", "result", "output"], chunk_rows)]
+                    "process peak, one forward", "estimate", "result", "lctx", "output"], chunk_rows)]
     return section
+
+
+def _revisions(out: Path) -> dict[str, str]:
+    """run_id → the git revision its manifest recorded (a resumed table can mix runs of different code)."""
+    found = {}
+    for path in out.glob("manifest-*.json"):
+        git = json.loads(path.read_text(encoding="utf-8")).get("git") or {}
+        found[path.stem.removeprefix("manifest-")] = (git.get("revision", "?")[:7]
+                                                      + ("+" if git.get("dirty") else ""))
+    return found
 
 
 def loaded_train_len() -> int:
@@ -721,6 +739,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--long-variants", help="RoPE specs of the long section, comma-separated")
     parser.add_argument("--long-out", type=Path, help="records directory of the long section "
                                                       "(default results/bench-long, or a temporary one with --quick)")
+    parser.add_argument("--long-tasks", help="tasks of the long section: ppl, passkey or both (default)")
     parser.add_argument("--long-force", action="store_true", help="long section: recompute cells already "
                                                                    "recorded in --long-out")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
@@ -743,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_variants:
         patches.parse_list(args.long_variants)  # a bad spec fails here, with the grammar
         settings = replace(settings, long_variants=tuple(v.strip() for v in args.long_variants.split(",")))
+    if args.long_tasks:
+        settings = replace(settings, long_tasks=tuple(t.strip() for t in args.long_tasks.split(",")))
     wanted = [s.strip() for item in args.only for s in item.split(",") if s.strip()] or list(DEFAULT_SECTIONS)
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -352,7 +353,10 @@ def lctx_version() -> str:
         return "unknown"
 
 
+@functools.cache
 def git_revision() -> dict[str, Any] | None:
+    """The checkout's revision when first asked (a run's start): a long process keeps the code it imported even
+    if the checkout moves on while it runs."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
