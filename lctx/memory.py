@@ -16,8 +16,9 @@ What is counted, for one sequence of L tokens at b bytes per element (inference 
   log-softmax, ×2; ``prefill``: the last position; ``logits``: every position, ×2);
 - attention scores: ``eager`` holds heads·L² fp32 scores and their softmax; SDPA's fused kernels and the
   ReRoPE family's chunked path hold at most a chunk of rows against all keys (its band mask).
-The total is an estimate of the growth above an idle process plus the weights; the interpreter, torch and the
-tokenizer add a few hundred MiB on CPU that it does not model.
+The total counts live tensors (weights included). A process's RSS is larger: the interpreter, torch and the
+tokenizer (about 0.6 GiB for SmolLM2 here) and blocks the allocator keeps; BENCHMARKS.md's long-context table
+puts both side by side.
 """
 
 from __future__ import annotations
