@@ -60,8 +60,8 @@ NAIVE = "naive-rerope"  # two-matrix ReRoPE (benchmarks.naive_rerope), window = 
 FREQUENCY = ["pi:factor=4", "ntk:factor=4", "ntk-mixed:factor=4", "dynamic-ntk:factor=4", "ntk-by-parts:factor=4",
              "yarn:factor=4", "dynamic-yarn", "llama3:factor=4", "base:theta=400000", "yarn:factor=4:logn=true"]
 ATTENTION = ["rerope", "leaky-rerope", "self-extend"]
-SECTIONS = ("prefill", "memory", "decode", "sweep", "long")
-DEFAULT_SECTIONS = ("prefill", "memory", "decode", "sweep")
+SECTIONS = ("prefill", "rotary", "memory", "decode", "sweep", "long")
+DEFAULT_SECTIONS = ("prefill", "rotary", "memory", "decode", "sweep")
 RESULT_TAG = "BENCH_RESULT "  # a memory subprocess prints its result as one JSON line after this tag
 GiB, MiB = 2**30, 2**20
 
@@ -350,6 +350,57 @@ def prefill_section(loaded: models.Loaded, settings: Settings) -> Section:
         f"`{NAIVE}` (two full score matrices) is timed at {results.format_length(settings.naive_time_length)} "
         "here; at longer lengths see the memory table (one run each).",
         "", *table(header, rows)]
+    return section
+
+
+def rotary_section(loaded: models.Loaded, settings: Settings) -> Section:
+    """What a frequency variant adds to a forward: its rotary module's extra time, against the whole forward.
+
+    A static variant only swaps the module's inv_freq buffer, so the forward runs the same operations on the same
+    shapes; the rotary module (called once per forward) is the one place a variant can cost more. Timing it alone
+    resolves differences far below the A/A noise of whole-forward timings.
+    """
+    from lctx.patches.arch import rotary_modules
+    from lctx.patches.logn import scale_query
+
+    section = Section("rotary", "Frequency variants: the rotary module against the whole forward")
+    length = settings.prefill_target
+    ids = tokens(loaded, length)
+    (rotary,) = rotary_modules(loaded.model)
+    x = torch.zeros(1, length, loaded.model.config.hidden_size, dtype=loaded.dtype)
+    positions = torch.arange(length)[None]
+    calls = 50
+    with torch.inference_mode():
+        prefill(loaded, ids)
+        forward = fastest([timed(prefill, loaded, ids) for _ in range(settings.reps)]).wall
+        medians, extra = {}, {}
+        config = loaded.model.config
+        query = torch.zeros(1, config.num_attention_heads, length, config.hidden_size // config.num_attention_heads,
+                            dtype=loaded.dtype)
+        for spec in [BASELINE, *FREQUENCY]:
+            with patched(loaded, spec):
+                for _ in range(5):
+                    rotary(x, positions)
+                medians[spec] = median_wall([timed(rotary, x, positions) for _ in range(calls)])
+            if patches.parse(spec).resolve(loaded.train_len).kwargs.get("logn"):  # logn also scales the queries
+                one = median_wall([timed(scale_query, query, positions, loaded.train_len) for _ in range(calls)])
+                extra[spec] = one * config.num_hidden_layers
+    rows = []
+    for spec in [BASELINE, *FREQUENCY]:
+        bound = 1 + (medians[spec] + extra.get(spec, 0.0) - medians[BASELINE]) / forward
+        rows.append([f"`{spec}`", f"{medians[spec] * 1e3:.3f} ms",
+                     f"{extra[spec] * 1e3:.3f} ms" if spec in extra else "", f"{bound:.5f}×",
+                     "" if spec == BASELINE else section.check(f"{spec} rotary bound at {length}", bound,
+                                                               TARGETS["frequency prefill"], not settings.quick)])
+    section.lines += [
+        f"The model's rotary module called alone on {results.format_length(length)} positions ({calls} calls, "
+        "median) under each variant, and the unpatched forward of the prefill table (min of "
+        f"{settings.reps}: {secs(forward)}). Static variants only replace the module's `inv_freq` buffer, so the "
+        "rest of the forward is the same operations on the same tensors; *forward ratio bound* = 1 + (variant's "
+        "rotary time + its logn query scaling, if any − unpatched rotary time) / forward time. Dynamic variants "
+        "recompute their frequencies inside this call, so it includes them.",
+        "", *table(["variant", "rotary module, median", "logn query scaling (all layers)", "forward ratio bound",
+                    f"target at {results.format_length(length)}"], rows)]
     return section
 
 
@@ -771,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or (Path("results/BENCHMARKS.quick.md") if args.quick else Path("BENCHMARKS.md"))
     command = shlex.join(["python", "-m", "benchmarks.run", *argv])
-    loaded = load() if {"prefill", "decode", "sweep"} & set(wanted) else None
+    loaded = load() if {"prefill", "rotary", "decode", "sweep"} & set(wanted) else None
     for name in SECTIONS:
         if name not in wanted:
             continue
@@ -779,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"section {name}")
         if name == "prefill":
             section = prefill_section(loaded, settings)
+        elif name == "rotary":
+            section = rotary_section(loaded, settings)
         elif name == "memory":
             section = memory_section(settings)
         elif name == "decode":
