@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import torch
 
 from benchmarks import naive_rerope
-from lctx import data, evals, models, patches, results, runner
+from lctx import data, evals, memory, models, patches, results, runner
 
 MODEL = models.DEFAULT_MODEL
 BASELINE = "none"
@@ -360,7 +360,7 @@ def rotary_section(loaded: models.Loaded, settings: Settings) -> Section:
     shapes; the rotary module (called once per forward) is the one place a variant can cost more. Timing it alone
     resolves differences far below the A/A noise of whole-forward timings.
     """
-    from lctx.patches.arch import rotary_modules
+    from lctx.patches.arch import rope_info, rotary_modules
     from lctx.patches.logn import scale_query
 
     section = Section("rotary", "Frequency variants: the rotary module against the whole forward")
@@ -375,7 +375,7 @@ def rotary_section(loaded: models.Loaded, settings: Settings) -> Section:
         forward = fastest([timed(prefill, loaded, ids) for _ in range(settings.reps)]).wall
         medians, extra = {}, {}
         config = loaded.model.config
-        query = torch.zeros(1, config.num_attention_heads, length, config.hidden_size // config.num_attention_heads,
+        query = torch.zeros(1, config.num_attention_heads, length, rope_info(loaded.model).head_dim,
                             dtype=loaded.dtype)
         for spec in [BASELINE, *FREQUENCY]:
             with patched(loaded, spec):
@@ -420,8 +420,8 @@ def memory_section(settings: Settings) -> Section:
         if known:
             n, m = known[-1]
             estimate = m["growth"] * (length / n) ** 2
-            available = _available_memory()
-            if estimate > 0.8 * available:
+            available = memory.available_memory(torch.device("cpu"))
+            if available is not None and estimate > 0.8 * available:
                 estimates[length] = (f"not run: ≈ {size(estimate)} estimated ({results.format_length(n)} growth × "
                                      f"{(length / n) ** 2:g}, quadratic) > 80% of the {size(available)} available")
                 continue
@@ -463,15 +463,6 @@ def memory_section(settings: Settings) -> Section:
         "forward (no repeats; the prefill table has repeated timings).",
         "", *table(header, rows)]
     return section
-
-
-def _available_memory() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def _cache_kwargs(model, cache) -> dict[str, Any]:
@@ -594,6 +585,9 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
     with tempfile.TemporaryDirectory() as scratch:  # first forwards of a process allocate more: not in the table
         runner.run(evals.EvalOptions(models=[MODEL], ropes=variants, tasks=["ppl"], lengths=[128],
                                      out=Path(scratch), dtype="float32", device="cpu"), console)
+    cell_options = evals.EvalOptions(models=[MODEL], ropes=variants, tasks=[], lengths=[], samples=1, depths=[0.5],
+                                     out=out, force=force, dtype="float32", device="cpu",
+                                     argv=["python", "-m", "benchmarks.run", "--only", "long"])
     codes = {}
     for length in settings.long_lengths:
         tasks = [t for t in (["ppl", "passkey"] if length in settings.long_passkey_lengths else ["ppl"])
@@ -602,20 +596,15 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
             continue
         log(f"long: lctx eval --task {','.join(tasks)} --lengths {length} --rope {','.join(variants)} "
             f"--samples 1 --depths 0.5")
-        options = evals.EvalOptions(models=[MODEL], ropes=variants, tasks=tasks, lengths=[length], samples=1,
-                                    depths=[0.5], out=out, force=force, dtype="float32", device="cpu",
-                                    argv=["python", "-m", "benchmarks.run", "--only", "long"])
-        codes[length] = runner.run(options, console)
+        codes[length] = runner.run(replace(cell_options, tasks=tasks, lengths=[length]), console)
     chunk_out = out / f"prefill-chunk-{settings.long_chunk}"  # same cell keys (results are equal): own folder
     chunk_variants = [spec for spec in (BASELINE, "rerope") if spec in variants]
     chunk_lengths = [n for n in settings.long_chunk_lengths if n in settings.long_lengths]
     for length in chunk_lengths if chunk_variants and "passkey" in settings.long_tasks else []:
         log(f"long: lctx eval --task passkey --lengths {length} --rope {','.join(chunk_variants)} --samples 1 "
             f"--depths 0.5 --prefill-chunk {settings.long_chunk}")
-        runner.run(evals.EvalOptions(models=[MODEL], ropes=chunk_variants, tasks=["passkey"], lengths=[length],
-                                     samples=1, depths=[0.5], out=chunk_out, force=force, dtype="float32",
-                                     device="cpu", prefill_chunk=settings.long_chunk,
-                                     argv=["python", "-m", "benchmarks.run", "--only", "long"]), console)
+        runner.run(replace(cell_options, ropes=chunk_variants, tasks=["passkey"], lengths=[length], out=chunk_out,
+                           prefill_chunk=settings.long_chunk), console)
     store = results.Store(out)
     latest = {(r["task"], r["rope"], r["length"]): r for r in store.records() if r.get("model") == MODEL}
     revisions = _revisions(out)
@@ -652,6 +641,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                              size(record.get("memory_estimate_bytes")), value, revisions.get(record["run_id"], "?"),
                              "; ".join(verdicts) if judged else ""])
     chunked = {(r["rope"], r["length"]): r for r in results.Store(chunk_out).records() if r.get("model") == MODEL}
+    chunk_revisions = _revisions(chunk_out)
     chunk_rows = []
     for length in chunk_lengths:
         for spec in chunk_variants:
@@ -663,7 +653,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                size(many.get("process_peak_bytes")), size(one.get("process_peak_bytes")),
                                size(many.get("memory_estimate_bytes")),
                                f"{metrics['correct']}/{metrics['trials']}" if "correct" in metrics else "–",
-                               _revisions(chunk_out).get(many.get("run_id"), "?"),
+                               chunk_revisions.get(many.get("run_id"), "?"),
                                "same" if many.get("samples") and one.get("samples") and
                                [t["output"] for t in many["samples"]] == [t["output"] for t in one["samples"]]
                                else "–"])

@@ -23,6 +23,7 @@ puts both side by side.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,15 +49,36 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if not match or unit not in UNITS:
         raise SizeError(f"--max-memory {text!r} is not a size: use a number with a unit, e.g. 3GiB, 2.5G, "
-                           "800MiB, 24GB (K/M/G/T and KiB/MiB/GiB/TiB are binary, KB/MB/GB/TB decimal)")
+                        "800MiB, 24GB (K/M/G/T and KiB/MiB/GiB/TiB are binary, KB/MB/GB/TB decimal)")
     value = float(match.group(1)) * UNITS[unit]
     if value <= 0:
         raise SizeError(f"--max-memory {text!r} must be positive")
     return int(value)
 
 
-def format_size(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / 2**20:.0f} MiB"
+def format_size(n: float | None) -> str:
+    """Bytes in the largest binary unit under 1024 of it: '512 B', '3.5 MiB', '2.8 GiB'; None → '?'."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free now: the CUDA device's free memory, or the system RAM available; None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        try:
+            import psutil
+        except ImportError:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return int(psutil.virtual_memory().available)
+    except (OSError, ValueError, RuntimeError):  # no figure for what is free is not an error
+        return None
 
 
 @dataclass(frozen=True)

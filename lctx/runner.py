@@ -436,18 +436,6 @@ class MemoryBudgetExceeded(MemoryError):
     """A cell's up-front memory estimate is over --max-memory (recorded as oom, not run)."""
 
 
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes free now: system RAM available on CPU, free memory of the CUDA device."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - no estimate of what is free is not an error
-        return None
-
-
 @dataclass
 class Summary:
     planned: int = 0  # cells of this shard
@@ -469,16 +457,6 @@ def _metric_text(task: Task, metrics: dict[str, Any]) -> str:
     if task.metric == "accuracy":
         return f"accuracy {100 * value:.0f}% [{100 * metrics['ci_low']:.0f}–{100 * metrics['ci_high']:.0f}]"
     return f"{task.metric} {value:.3f}"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class Runner:
@@ -571,7 +549,7 @@ class Runner:
             note = f", one forward for {','.join(map(format_length, shared))}" if shared else ""
             self.console.print(f"[green]✓[/] {escape(unit.model)} · {escape(unit.label([cell]))}: "
                                f"{_metric_text(unit.task, outcome.metrics)}  "
-                               f"[dim]({meter.seconds:.1f} s, {_bytes(meter.peak_bytes)} peak{note})[/]"
+                               f"[dim]({meter.seconds:.1f} s, {memory.format_size(meter.peak_bytes)} peak{note})[/]"
                                + "".join(f"\n  [yellow]note:[/] {escape(text)}" for text in outcome.notes))
         advance(unit.task.cost(cells, self.options) - done_cost)
 
@@ -629,7 +607,7 @@ class Runner:
         largest = max(known, key=lambda u: u.estimate.total)
         budget = self.options.max_memory
         device = models.resolve_device(self.options.device)
-        available = _available_memory(device)
+        available = memory.available_memory(device)
         where = f"{escape(largest.label([max(largest.cells, key=lambda c: c.length)]))}"
         limit = (f"--max-memory {memory.format_size(budget)}" if budget else
                  f"{memory.format_size(available)} available on {device.type}" if available else "")

@@ -381,7 +381,6 @@ def source_id(options: EvalOptions, hub: str) -> str:
 # ---- prompts -----------------------------------------------------------------------------------------------
 
 
-
 @dataclass
 class PromptIds:
     ids: list[int]

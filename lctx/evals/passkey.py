@@ -140,8 +140,9 @@ def prefill(model, ids: list[int], chunk: int | None = None, reserve: int = 0):
     name = _cache_name(model)
     prompt = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
     past: dict[str, Any] = {name: reserved_cache(model, len(ids) + reserve)}
-    for start in range(0, len(ids), chunk or len(ids)):
-        out = model(input_ids=prompt[:, start:start + (chunk or len(ids))], use_cache=True, logits_to_keep=1, **past)
+    step = chunk or len(ids)
+    for start in range(0, len(ids), step):
+        out = model(input_ids=prompt[:, start:start + step], use_cache=True, logits_to_keep=1, **past)
         past = {name: out[name]}
     return out
 
