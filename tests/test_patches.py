@@ -207,11 +207,11 @@ def test_canonical_fills_defaults_in_fixed_order() -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("rope9", "unknown RoPE variant 'rope9'. Valid variants: base, dynamic-ntk"),
-    ("yarn:factr=4", "yarn: unknown parameter 'factr'. Parameters: factor (float, required), beta_fast"),
-    ("yarn:factor=four", "yarn: parameter factor='four' is not a valid float"),
+    ("yarn:factr=4", "yarn: unknown parameter 'factr'. Parameters: factor (float ≥ 1, required), beta_fast"),
+    ("yarn:factor=four", "yarn: factor=four is not valid: factor (float ≥ 1, required)"),
     ("yarn:factor", "'factor' is not key=value. Grammar: name[:key=value]*"),
     ("yarn:factor=2:factor=3", "parameter 'factor' given twice"),
-    ("none:logn=maybe", "parameter logn='maybe' is not a valid bool"),
+    ("none:logn=maybe", "none: logn=maybe is not valid: logn (bool, default false)"),
     ("", "empty RoPE spec"),
 ])
 def test_parse_errors_name_the_problem(text: str, message: str) -> None:
@@ -224,7 +224,15 @@ def test_parse_errors_name_the_problem(text: str, message: str) -> None:
     ("pi", "pi: missing required parameter 'factor' (or pass --target-len"),
     ("base", "base: missing required parameter 'theta'"),
     ("ntk", "ntk: give alpha=… or factor=…"),
-    ("pi:factor=0.5", "factor=0.5 must be >= 1"),
+    ("pi:factor=0.5", "pi: factor=0.5 is not valid: factor (float ≥ 1, required)"),
+    ("yarn:factor=4:beta_fast=0", "beta_fast=0 is not valid: beta_fast (float > 0"),
+    ("yarn:factor=4:beta_fast=2:beta_slow=4", "beta_fast=2 must be greater than beta_slow=4"),
+    ("yarn:factor=4:attention_factor=0", "attention_factor=0 is not valid"),
+    ("llama3:low_freq_factor=0", "low_freq_factor=0 is not valid: low_freq_factor (float > 0"),
+    ("llama3:low_freq_factor=4:high_freq_factor=2", "high_freq_factor=2 must be greater than low_freq_factor=4"),
+    ("ntk-mixed:factor=2:beta=-1", "beta=-1 is not valid"),
+    ("base:theta=0", "theta=0 is not valid: theta (float > 1, required)"),
+    ("base:theta=-10", "theta=-10 is not valid"),
 ])
 def test_resolve_errors(text: str, message: str) -> None:
     with pytest.raises(patches.SpecError, match=None) as err:

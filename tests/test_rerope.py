@@ -214,11 +214,11 @@ def test_registered_with_defaults_from_training_length() -> None:
 
 
 @pytest.mark.parametrize(("spec", "words"), [
-    ("rerope:window=0", ["window=0", ">= 1"]),
-    ("leaky-rerope:k=0.5", ["k=0.5", ">= 1"]),
-    ("self-extend:group=0", ["group=0", ">= 1"]),
+    ("rerope:window=0", ["window=0", "≥ 1"]),
+    ("leaky-rerope:k=0.5", ["k=0.5", "≥ 1"]),
+    ("self-extend:group=0", ["group=0", "≥ 1"]),
     ("self-extend:window=-3", ["window=-3"]),
-    ("rerope:window=2.5", ["window", "not a valid int"]),
+    ("rerope:window=2.5", ["window=2.5 is not valid", "int"]),
     ("rerope:chunk=8", ["unknown parameter 'chunk'"]),
 ])
 def test_bad_parameters_are_named(spec: str, words: list[str]) -> None:

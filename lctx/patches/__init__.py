@@ -5,59 +5,45 @@ that specs fit in comma-separated lists (``--rope none,ntk:factor=4``) and in lm
 :func:`parse` checks a spec against the registry; :meth:`RopeSpec.resolve` fills the defaults that depend on
 the model (training length, target length); :func:`apply` patches a model in place, reversibly.
 
-A variant is added by writing one module that calls :func:`register`, and importing it at the bottom of
-this file.
+A variant is added by writing one module that calls :func:`register` (with its :class:`Family`, declared once
+next to it: figures take the variant's colour and marker from it), and importing it at the bottom of this file.
+Parameters are :class:`lctx.spec.Param` declarations with their bounds, checked wherever a spec comes from.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from lctx import spec as grammar
 from lctx.patches.arch import SUPPORTED_ARCHITECTURES, RopeInfo, UnsupportedModelError, rope_info
+from lctx.spec import Param, SpecError, format_value
 
 GRAMMAR = "name[:key=value]*  e.g. yarn:factor=4:beta_fast=32 (several specs: comma-separated)"
 
 
-class SpecError(ValueError):
-    """A RoPE spec that does not parse, names an unknown variant, or has bad parameters."""
+# logn is a modifier every variant accepts (Su's log-n attention scaling).
+LOGN = Param("logn", bool, False, "scale the query at position n by max(1, ln n / ln L)")
+__all__ = ["GRAMMAR", "LOGN", "Family", "Param", "RopeSpec", "SpecError", "Variant", "apply", "format_value", "parse",
+           "parse_list", "register", "register_family", "variant_names"]
 
 
 @dataclass(frozen=True)
-class Param:
-    """One parameter of a variant. ``default=None`` with ``required=True`` means the user must give it."""
+class Family:
+    """Related variants (e.g. ntk, ntk-mixed, dynamic-ntk): figures draw them in shades of one hue.
+
+    Declared once, next to the variants that belong to it; a variant's marker is the family's marker at the
+    variant's place among the family's members (registration order), so every report styles it the same way.
+    """
 
     name: str
-    type: type
-    default: Any = None
-    help: str = ""
-    required: bool = False
-
-    def convert(self, variant: str, raw: str) -> Any:
-        try:
-            if self.type is bool:
-                low = raw.lower()
-                if low not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(raw)
-                return low in ("true", "1", "yes")
-            value = self.type(raw)
-            if self.type is float and not math.isfinite(value):
-                raise ValueError(raw)
-            return value
-        except ValueError:
-            raise SpecError(
-                f"{variant}: parameter {self.name}={raw!r} is not a valid {self.type.__name__}. "
-                f"Grammar: {GRAMMAR}"
-            ) from None
-
-
-# logn is a modifier every variant accepts (Su's log-n attention scaling).
-LOGN = Param("logn", bool, False, "scale the query at position n by max(1, ln n / ln L)")
+    color: str  # hex hue; members get lighter and darker shades of it
+    markers: tuple[str, ...]  # matplotlib markers, one per member in registration order (cycled)
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +62,7 @@ class Variant:
     params: tuple[Param, ...]
     patch: Callable[[nn.Module, RopeInfo, Mapping[str, Any], int | None], contextlib.AbstractContextManager]
     kind: str = "frequency"
+    family: str = ""  # a registered Family's name
     length_dependent: bool = False
     aliases: tuple[str, ...] = ()
     resolve: Callable[[dict[str, Any], int], None] | None = None
@@ -87,11 +74,28 @@ class Variant:
 
 
 REGISTRY: dict[str, Variant] = {}
+FAMILIES: dict[str, Family] = {}
 _ALIASES: dict[str, str] = {}
 
 
+def register_family(family: Family) -> Family:
+    """Declare a family of variants (its hue and markers) before registering its members."""
+    if family.name in FAMILIES:
+        raise ValueError(f"RoPE variant family {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_members(family: str) -> list[str]:
+    """The variants of a family, in registration order."""
+    return [name for name, variant in REGISTRY.items() if variant.family == family]
+
+
 def register(variant: Variant) -> Variant:
-    """Add a variant (and its aliases) to the registry."""
+    """Add a variant (and its aliases) to the registry; its family must be registered first."""
+    if variant.family not in FAMILIES:
+        raise ValueError(f"RoPE variant {variant.name!r}: family {variant.family!r} is not registered "
+                         f"(register_family first); families: {', '.join(FAMILIES)}")
     for name in (variant.name, *variant.aliases):
         if name in REGISTRY or name in _ALIASES:
             raise ValueError(f"RoPE variant {name!r} is registered twice")
@@ -156,26 +160,18 @@ class RopeSpec:
     @property
     def canonical(self) -> str:
         """``name:key=value:...`` with every parameter in registry order; identifies a variant's results."""
-        return ":".join([self.name, *(f"{k}={format_value(v)}" for k, v in self.params)])
+        return grammar.canonical(self.name, self.params)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.variant.family]
 
     def __str__(self) -> str:
         return self.canonical
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(int(value)) if value.is_integer() else repr(value)
-    return str(value)
-
-
 def _describe_params(variant: Variant) -> str:
-    parts = []
-    for p in variant.all_params:
-        default = "required" if p.required else ("auto" if p.default is None else format_value(p.default))
-        parts.append(f"{p.name} ({p.type.__name__}, {default})")
-    return ", ".join(parts)
+    return grammar.describe_params(variant.all_params)
 
 
 def parse(text: str) -> RopeSpec:
@@ -185,39 +181,27 @@ def parse(text: str) -> RopeSpec:
         raise SpecError(f"empty RoPE spec. Grammar: {GRAMMAR}. Variants: {', '.join(variant_names())}")
     if "," in text:
         raise SpecError(f"{text!r} holds several specs; pass them to parse_list. Grammar: {GRAMMAR}")
-    name, *parts = text.split(":")
-    name = _ALIASES.get(name.strip(), name.strip())
+    parsed = grammar.parse(text)
+    head, _, rest = parsed.name.partition(":")
+    if rest and _ALIASES.get(head, head) in REGISTRY:
+        raise SpecError(f"{text!r}: {rest.split(':')[0]!r} is not key=value. Grammar: {GRAMMAR}")
+    name = _ALIASES.get(parsed.name, parsed.name)
     if name not in REGISTRY:
         raise SpecError(
             f"unknown RoPE variant {name!r}. Valid variants: {', '.join(variant_names())}. Grammar: {GRAMMAR}"
         )
     variant = REGISTRY[name]
-    known = {p.name: p for p in variant.all_params}
-    values: dict[str, Any] = {}
-    for part in parts:
-        key, sep, raw = part.partition("=")
-        key = key.strip()
-        if not sep or not key or not raw.strip():
-            raise SpecError(f"{text!r}: {part!r} is not key=value. Grammar: {GRAMMAR}")
-        if key not in known:
-            raise SpecError(
-                f"{name}: unknown parameter {key!r}. Parameters: {_describe_params(variant)}. Grammar: {GRAMMAR}"
-            )
-        if key in values:
-            raise SpecError(f"{name}: parameter {key!r} given twice in {text!r}")
-        values[key] = known[key].convert(name, raw.strip())
+    values = grammar.convert_all(name, variant.all_params, parsed.params, GRAMMAR)
     return RopeSpec(name, tuple((p.name, values[p.name]) for p in variant.all_params if p.name in values))
 
 
 def parse_list(values: str | list[str]) -> list[RopeSpec]:
     """Parse comma-separated specs (a string or repeated option values), keeping order, dropping repeats."""
-    items = [values] if isinstance(values, str) else list(values)
     specs: list[RopeSpec] = []
-    for item in items:
-        for text in item.split(","):
-            spec = parse(text)
-            if spec not in specs:
-                specs.append(spec)
+    for text in grammar.split_list(values):
+        spec = parse(text)
+        if spec not in specs:
+            specs.append(spec)
     return specs
 
 

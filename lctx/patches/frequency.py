@@ -16,24 +16,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from lctx.patches import Param, SpecError, Variant, register
+from lctx.patches import Family, Param, SpecError, Variant, register, register_family
 from lctx.patches.arch import RopeInfo, default_inv_freq, override_rotary
 from lctx.patches.logn import logn_attention
 
 Frequencies = tuple[torch.Tensor, float]
-FACTOR = Param("factor", float, None, "scale s = target length / training length", required=True)
-BETA_FAST = Param("beta_fast", float, 32.0, "YaRN: dimensions rotating more than this many times in L keep RoPE")
-BETA_SLOW = Param("beta_slow", float, 1.0, "YaRN: dimensions rotating fewer times than this are interpolated")
+FACTOR = Param("factor", float, None, "scale s = target length / training length (1 reproduces the model)",
+               required=True, ge=1)
+BETA_FAST = Param("beta_fast", float, 32.0, "YaRN: dimensions rotating more than this many times in L keep RoPE",
+                  gt=0)
+BETA_SLOW = Param("beta_slow", float, 1.0, "YaRN: dimensions rotating fewer times than this are interpolated",
+                  gt=0)
 
 
 def _base(info: RopeInfo) -> torch.Tensor:
     return default_inv_freq(info.theta, info.rotary_dim)
 
 
-def _check_factor(values: dict[str, Any]) -> None:
-    for key in ("factor", "alpha"):
-        if values.get(key) is not None and values[key] < 1:
-            raise SpecError(f"{key}={values[key]} must be >= 1 (1 reproduces the unpatched model)")
+def _check_betas(values: dict[str, Any]) -> None:
+    if values.get("beta_fast") is not None and values["beta_fast"] <= values["beta_slow"]:
+        raise SpecError(f"beta_fast={values['beta_fast']:g} must be greater than beta_slow={values['beta_slow']:g} "
+                        "(the ramp runs from the fast-rotating dimensions, kept, to the slow ones, interpolated)")
+
+
+def _check_bands(values: dict[str, Any]) -> None:
+    if values["high_freq_factor"] <= values["low_freq_factor"]:
+        raise SpecError(f"llama3: high_freq_factor={values['high_freq_factor']:g} must be greater than "
+                        f"low_freq_factor={values['low_freq_factor']:g} (they bound the blended wavelength band)")
 
 
 def pi(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencies:
@@ -136,40 +145,56 @@ def _yarn_resolve(values: dict[str, Any], train_len: int) -> None:
         values["attention_factor"] = _mscale(values["factor"])
 
 
-def _freq(name: str, fn, description: str, reference: str, params: tuple[Param, ...], *,
-          length_dependent: bool = False, aliases: tuple[str, ...] = (), resolve=None) -> None:
+def _freq(name: str, fn, description: str, reference: str, params: tuple[Param, ...], *, family: str,
+          length_dependent: bool = False, aliases: tuple[str, ...] = (), resolve=None, validate=None) -> None:
     register(Variant(
         name=name, description=description, reference=reference, params=params,
-        patch=_patcher(fn, length_dependent), kind="frequency", length_dependent=length_dependent,
-        aliases=aliases, resolve=resolve, validate=_check_factor,
+        patch=_patcher(fn, length_dependent), kind="frequency", family=family, length_dependent=length_dependent,
+        aliases=aliases, resolve=resolve, validate=validate,
     ))
 
 
-_freq("none", None, "the model as trained", "Su et al. 2021, RoFormer (arXiv:2104.09864)", ())
+# Hues from the Okabe–Ito and Tol colour-blind-safe palettes; the model as trained is black.
+for _family in (
+    Family("none", "#000000", ("o",), "the model as trained"),
+    Family("pi", "#0072B2", ("s",), "position interpolation: every frequency scaled alike"),
+    Family("ntk", "#E69F00", ("^", "v", "<"), "NTK-aware: a larger base, dynamic or mixed"),
+    Family("yarn", "#009E73", ("D", ">", "d"), "NTK-by-parts: per-dimension ramp (YaRN)"),
+    Family("llama3", "#882255", ("P",), "Llama-3.1 wavelength bands"),
+    Family("base", "#44AA99", ("X",), "a new rope_theta"),
+):
+    register_family(_family)
+
+_freq("none", None, "the model as trained", "Su et al. 2021, RoFormer (arXiv:2104.09864)", (), family="none")
 _freq("pi", pi, "Position Interpolation: every frequency divided by the factor",
-      "Chen et al. 2023 (arXiv:2306.15595)", (FACTOR,), aliases=("linear",))
+      "Chen et al. 2023 (arXiv:2306.15595)", (FACTOR,), aliases=("linear",), family="pi")
 _freq("ntk", ntk, "NTK-aware: base b' = b·α^(d/(d−2)), high frequencies kept, low ones interpolated",
       "bloc97 2023, NTK-Aware Scaled RoPE (reddit r/LocalLLaMA)",
-      (Param("factor", float, None, "used as alpha when alpha is not given"),
-       Param("alpha", float, None, "base multiplier α")), resolve=_ntk_resolve)
+      (Param("factor", float, None, "used as alpha when alpha is not given", ge=1),
+       Param("alpha", float, None, "base multiplier α (1 reproduces the model)", ge=1)),
+      resolve=_ntk_resolve, family="ntk")
 _freq("ntk-mixed", ntk_mixed, "Su's mixed-base NTK: θ'_i = θ_i·exp(−a(i+1)^β), a = ln(s)/(d/2)^β",
-      "Su 2023, kexue.fm/archives/9706", (FACTOR, Param("beta", float, 0.75, "exponent of the mixed base")))
+      "Su 2023, kexue.fm/archives/9706", (FACTOR, Param("beta", float, 0.75, "exponent of the mixed base", ge=0)),
+      family="ntk")
 _freq("dynamic-ntk", dynamic_ntk, "NTK base recomputed from the current length ℓ when ℓ > L",
-      "emozilla 2023, Dynamically Scaled RoPE (reddit r/LocalLLaMA)", (FACTOR,), length_dependent=True)
+      "emozilla 2023, Dynamically Scaled RoPE (reddit r/LocalLLaMA)", (FACTOR,), length_dependent=True, family="ntk")
 _freq("ntk-by-parts", ntk_by_parts, "YaRN's per-dimension ramp between PI and no scaling, no temperature",
-      "Peng et al. 2023, YaRN (arXiv:2309.00071)", (FACTOR, BETA_FAST, BETA_SLOW))
+      "Peng et al. 2023, YaRN (arXiv:2309.00071)", (FACTOR, BETA_FAST, BETA_SLOW), family="yarn",
+      validate=_check_betas)
 _freq("yarn", yarn, "NTK-by-parts plus attention temperature: cos/sin × (0.1·ln s + 1)",
       "Peng et al. 2023, YaRN (arXiv:2309.00071)",
       (FACTOR, BETA_FAST, BETA_SLOW,
-       Param("attention_factor", float, None, "cos/sin multiplier; default 0.1·ln(factor) + 1")),
-      resolve=_yarn_resolve)
+       Param("attention_factor", float, None, "cos/sin multiplier; default 0.1·ln(factor) + 1", gt=0)),
+      resolve=_yarn_resolve, validate=_check_betas, family="yarn")
 _freq("dynamic-yarn", dynamic_yarn, "YaRN with s = max(1, ℓ/L) recomputed from the current length",
-      "Peng et al. 2023, YaRN (arXiv:2309.00071)", (BETA_FAST, BETA_SLOW), length_dependent=True)
+      "Peng et al. 2023, YaRN (arXiv:2309.00071)", (BETA_FAST, BETA_SLOW), length_dependent=True,
+      family="yarn", validate=_check_betas)
 _freq("llama3", llama3, "Llama-3.1 wavelength bands: interpolate long wavelengths, keep short, blend between",
       "Meta 2024, The Llama 3 Herd of Models (arXiv:2407.21783)",
-      (Param("factor", float, 8.0, "interpolation factor for the longest wavelengths"),
-       Param("low_freq_factor", float, 1.0, "wavelengths above L/low_freq_factor are interpolated"),
-       Param("high_freq_factor", float, 4.0, "wavelengths below L/high_freq_factor are kept")))
+      (Param("factor", float, 8.0, "interpolation factor for the longest wavelengths", ge=1),
+       Param("low_freq_factor", float, 1.0, "wavelengths above L/low_freq_factor are interpolated", gt=0),
+       Param("high_freq_factor", float, 4.0, "wavelengths below L/high_freq_factor are kept", gt=0)),
+      family="llama3", validate=_check_bands)
 _freq("base", base, "replace rope_theta (ABF; 'base of RoPE bounds context length')",
       "Xiong et al. 2023 (arXiv:2309.16039); Men et al. 2024 (arXiv:2405.14591)",
-      (Param("theta", float, None, "new rope_theta", required=True),))
+      (Param("theta", float, None, "new rope_theta (a RoPE base is > 1)", required=True, gt=1),), family="base")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lctx.patches import Param, SpecError, Variant, register
+from lctx.patches import Family, Param, Variant, register, register_family
 from lctx.patches.arch import RopeInfo, override_attention, query_positions, rotary_modules
 from lctx.patches.logn import scale_query
 
@@ -409,33 +409,20 @@ def _resolve_window(values: dict[str, Any], train_len: int) -> None:
         values["window"] = max(1, train_len // 4)
 
 
-def _validator(variant: str) -> Callable[[dict[str, Any]], None]:
-    def validate(values: dict[str, Any]) -> None:
-        for name, integer, meaning in (
-            ("window", True, "keys closer than the window keep plain RoPE"),
-            ("group", True, "far positions are divided by the group size; 1 reproduces plain RoPE"),
-            ("k", False, "far distances grow k times slower; 1 reproduces plain RoPE"),
-        ):
-            value = values.get(name)
-            if value is not None and (value < 1 or (integer and value != int(value))):
-                raise SpecError(f"{variant}: {name}={value} must be {'an integer ' if integer else ''}>= 1 "
-                                f"({meaning})")
-
-    return validate
-
-
-WINDOW = Param("window", int, None, "keys closer than this keep plain RoPE; default training length / 4")
+register_family(Family("rerope", "#6A3D9A", ("*", "h"), "relative positions capped or slowed beyond a window"))
+register_family(Family("self-extend", "#8C564B", ("p",), "grouped positions beyond a neighbour window"))
+WINDOW = Param("window", int, None, "keys closer than this keep plain RoPE; default training length / 4", ge=1)
 SU = "Su 2023, 'Rectified Rotary Position Embeddings', kexue.fm/archives/9708"
 
-for _name, _far, _description, _reference, _params in (
-    ("rerope", _rerope_far, "relative position capped at the window w: min(r, w)", SU, (WINDOW,)),
-    ("leaky-rerope", _leaky_far, "beyond the window w, relative position grows k times slower: w + (r − w)/k",
-     SU, (WINDOW, Param("k", float, 16.0, "slope divisor beyond the window (1 reproduces RoPE)"))),
-    ("self-extend", _self_extend_far,
+for _name, _family, _far, _description, _reference, _params in (
+    ("rerope", "rerope", _rerope_far, "relative position capped at the window w: min(r, w)", SU, (WINDOW,)),
+    ("leaky-rerope", "rerope", _leaky_far, "beyond the window w, relative position grows k times slower: w + (r − w)/k",
+     SU, (WINDOW, Param("k", float, 16.0, "slope divisor beyond the window (1 reproduces RoPE)", ge=1))),
+    ("self-extend", "self-extend", _self_extend_far,
      "neighbour window w with plain RoPE; beyond it, grouped positions (⌊i/G⌋ + w − ⌊w/G⌋) − ⌊j/G⌋",
      "Jin et al. 2024, 'LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning' (arXiv:2401.01325)",
-     (Param("group", int, 8, "group size G of the far positions (1 reproduces RoPE)"), WINDOW)),
+     (Param("group", int, 8, "group size G of the far positions (1 reproduces RoPE)", ge=1), WINDOW)),
 ):
     register(Variant(name=_name, description=_description, reference=_reference, params=_params,
-                     patch=_patcher(_far), kind="attention", length_dependent=False,
-                     resolve=_resolve_window, validate=_validator(_name)))
+                     patch=_patcher(_far), kind="attention", family=_family, length_dependent=False,
+                     resolve=_resolve_window))
