@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lctx.patches.arch import override_attention, query_positions, rope_info, rotary_modules
+from lctx.patches.arch import rope_info, rotary_modules
+from lctx.patches.seams import override_attention, query_positions
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:

@@ -206,7 +206,7 @@ def test_canonical_fills_defaults_in_fixed_order() -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("rope9", "unknown RoPE variant 'rope9'. Valid variants: base, dynamic-ntk"),
+    ("rope9", "unknown RoPE variant 'rope9'. Valid variants: base, deepseek-yarn, dynamic-ntk"),
     ("yarn:factr=4", "yarn: unknown parameter 'factr'. Parameters: factor (float ≥ 1, required), beta_fast"),
     ("yarn:factor=four", "yarn: factor=four is not valid: factor (float ≥ 1, required)"),
     ("yarn:factor", "'factor' is not key=value. Grammar: name[:key=value]*"),

@@ -20,16 +20,24 @@ from typing import Any
 from torch import nn
 
 from lctx import spec as grammar
-from lctx.patches.arch import SUPPORTED_ARCHITECTURES, RopeInfo, UnsupportedModelError, rope_info
+from lctx.patches.arch import LAYERS as LAYER_CHOICES
+from lctx.patches.arch import RopeInfo, UnsupportedModelError, rope_info
 from lctx.spec import Param, SpecError, format_value
 
 GRAMMAR = "name[:key=value]*  e.g. yarn:factor=4:beta_fast=32 (several specs: comma-separated)"
 
 
-# logn is a modifier every variant accepts (Su's log-n attention scaling).
+# Modifiers every variant accepts. ``layers`` picks the layers a variant changes on models whose layers differ
+# (sliding-window and full attention, RoPE per layer type). Its default, None, means "the model's own
+# convention" (see lctx.patches.arch.select) and is left out of the canonical spec, so the specs recorded before
+# it existed keep their identity; only an explicit choice is printed. logn is Su's log-n attention scaling.
+LAYERS = Param("layers", str, None, "layers to change: all, full (full attention) or sliding (sliding window); "
+               "default: the full-attention layers where RoPE differs per layer type, else all",
+               choices=LAYER_CHOICES)
 LOGN = Param("logn", bool, False, "scale the query at position n by max(1, ln n / ln L)")
-__all__ = ["GRAMMAR", "LOGN", "Family", "Param", "RopeSpec", "SpecError", "Variant", "apply", "format_value", "parse",
-           "parse_list", "register", "register_family", "variant_names"]
+__all__ = ["GRAMMAR", "LAYERS", "LOGN", "Family", "Param", "RopeSpec", "SpecError", "UnsupportedModelError",
+           "Variant", "apply", "check", "format_value", "parse", "parse_list", "register", "register_family",
+           "variant_names"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ class Variant:
 
     @property
     def all_params(self) -> tuple[Param, ...]:
-        return (*self.params, LOGN)
+        return (*self.params, LAYERS, LOGN)
 
 
 REGISTRY: dict[str, Variant] = {}
@@ -223,11 +231,6 @@ def apply(
     if isinstance(spec, str):
         spec = parse(spec)
     info = rope_info(model, train_len)
-    if spec.variant.kind == "attention" and info.arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"variant {spec.name!r} patches attention and supports the architectures "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}; the model is {info.arch!r}"
-        )
     resolved = spec if spec.resolved else spec.resolve(info.train_len, target_len)
     with resolved.variant.patch(model, info, resolved.kwargs, seq_len):
         yield resolved
@@ -235,3 +238,4 @@ def apply(
 
 # Importing the variant modules registers them.
 from lctx.patches import frequency, rerope  # noqa: E402, F401
+from lctx.patches.upfront import check  # noqa: E402

@@ -1,37 +1,43 @@
-"""Where a transformers 5.x decoder keeps its rotary embedding and its attention call: the two seams lctx patches.
+"""Where a transformers 5.x decoder keeps its RoPE: found by structure, not from a list of architectures.
 
-Every supported architecture (Llama, Mistral, Qwen2/3, Gemma 1/2, Phi-3, GPT-NeoX, OLMo/OLMo2) has one
-rotary module holding ``inv_freq`` and ``attention_scaling`` whose ``forward(x, position_ids)`` returns
-``(cos, sin)``, and attention modules that call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` with
-already-rotated queries and keys and ``position_ids`` among the keyword arguments. Frequency variants swap the
-rotary module's frequencies; attention variants install an attention function (see :func:`override_attention`).
+A *rotary* is one set of frequencies the model turns position ids into cos/sin with: a module holding an
+``inv_freq`` buffer (Llama, Mixtral, DeepSeek, GLM, Phi, …), or one layer type's ``{type}_inv_freq`` buffers in a
+module that serves several (Gemma 3, ModernBERT-decoder, OLMo 3: per-layer-type RoPE). Frequency variants rewrite
+those buffers in place (see :mod:`lctx.patches.seams`). Attention modules are the modules whose forward calls
+``ALL_ATTENTION_FUNCTIONS``; attention-level variants install an attention function there and learn how each
+module rotates its queries and keys by probing it (:mod:`lctx.patches.layout`).
+
+:func:`check` refuses a variant from the config alone, before any weights load; :func:`logits_processor`
+reproduces what a model's forward does to its LM head's output (Cohere's logit scale, Gemma's soft-cap, …).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import inspect
 import math
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-SUPPORTED_ARCHITECTURES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt_neox", "olmo", "olmo2",
-)
+LOCAL_LAYER_TYPES = ("sliding", "chunked", "local")  # layer types whose attention sees a bounded window
+LAYERS = ("all", "full", "sliding")
 
 
 class UnsupportedModelError(ValueError):
-    """The model has no rotary embedding lctx can patch, or an architecture lctx does not support."""
+    """The model has no rotary embedding lctx can patch, or a layout lctx cannot patch exactly (one-line reason)."""
 
 
 @dataclass(frozen=True)
 class RopeInfo:
-    """What every variant reads from the model: base, rotary dimension, training length, original freqs."""
+    """What every variant reads from one rotary: base, rotary dimension, training length, original freqs.
+
+    ``layer_type`` names the layer type whose buffers these are (per-layer-type RoPE), None for a plain rotary.
+    ``inv_freq`` may end in zeros (Gemma 4's proportional RoPE): those dimensions stay position-free.
+    """
 
     arch: str
     theta: float
@@ -40,28 +46,116 @@ class RopeInfo:
     train_len: int
     inv_freq: torch.Tensor  # the model's own (float32, rotary_dim // 2), as loaded
     attention_scaling: float
+    layer_type: str | None = None
 
 
-def text_config(model: nn.Module):
-    config = model.config
+@dataclass(frozen=True)
+class Rotary:
+    """One set of frequencies in a rotary module: its plain buffers (``layer_type`` None) or one layer type's."""
+
+    module: nn.Module
+    layer_type: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return "" if self.layer_type is None else f"{self.layer_type}_"
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return getattr(self.module, self.prefix + "inv_freq")
+
+    @property
+    def original_inv_freq(self) -> torch.Tensor:
+        return getattr(self.module, self.prefix + "original_inv_freq", self.inv_freq)
+
+    @property
+    def attention_scaling(self) -> float:
+        return float(getattr(self.module, self.prefix + "attention_scaling", 1.0) or 1.0)
+
+    def set_attention_scaling(self, value: float) -> None:
+        setattr(self.module, self.prefix + "attention_scaling", value)
+
+    @property
+    def local(self) -> bool | None:
+        """Whether this rotary serves sliding-window layers only (None: a plain rotary, it may serve both)."""
+        return None if self.layer_type is None else is_local(self.layer_type)
+
+
+def is_local(layer_type: str | None) -> bool:
+    return layer_type is not None and any(word in layer_type for word in LOCAL_LAYER_TYPES)
+
+
+def text_config(model_or_config: Any):
+    config = getattr(model_or_config, "config", model_or_config)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The text decoder (a multimodal model's language model), whose RoPE lctx patches."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        found = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        found = None
+    return found if isinstance(found, nn.Module) else model
+
+
+def rotaries(model: nn.Module) -> list[Rotary]:
+    """Every set of frequencies in the decoder: plain ``inv_freq`` buffers and per-layer-type ``{type}_inv_freq``."""
+    found = []
+    for module in decoder(model).modules():
+        names = [name for name, buffer in module.named_buffers(recurse=False) if isinstance(buffer, torch.Tensor)]
+        if "inv_freq" in names:
+            found.append(Rotary(module))
+        found += [Rotary(module, name[: -len("_inv_freq")]) for name in names
+                  if name.endswith("_inv_freq") and not name.endswith("original_inv_freq")
+                  and f"{name[: -len('inv_freq')]}original_inv_freq" in names]
+    return found
+
+
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that turn position ids into (cos, sin): those carrying an ``inv_freq`` buffer."""
-    return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    """The modules that turn position ids into RoPE cos/sin (each listed once)."""
+    return list({id(r.module): r.module for r in rotaries(model)}.values())
+
+
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Attention modules: those owning a query projection and a layer index."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx")
-            and any(hasattr(m, n) for n in ("q_proj", "query_key_value", "qkv_proj"))]
+    """The decoder's attention modules: those whose forward calls ``ALL_ATTENTION_FUNCTIONS`` (the seam)."""
+    return [m for m in decoder(model).modules() if _calls_attention_interface(type(m))]
+
+
+def layer_kind(model: nn.Module, module: nn.Module) -> str:
+    """"sliding" for an attention module with a bounded window (sliding or chunked), "full" otherwise."""
+    types = getattr(text_config(model), "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if types and index is not None and index < len(types):
+        return "sliding" if is_local(types[index]) else "full"
+    return "sliding" if getattr(module, "sliding_window", None) else "full"
+
+
+def rope_parameters(config, layer_type: str | None = None) -> dict:
+    """The config's RoPE parameters for ``layer_type`` (per-layer-type dicts), or its only ones."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        return params[layer_type]
+    if params and all(isinstance(v, dict) or v is None for v in params.values()):  # per type, none asked
+        return next((v for k, v in params.items() if isinstance(v, dict) and not is_local(k)), None) or \
+            next((v for v in params.values() if isinstance(v, dict)), {})
+    return params
 
 
 def training_length(config) -> int:
     """``original_max_position_embeddings`` when the config has it, else ``max_position_embeddings``."""
-    params = getattr(config, "rope_parameters", None) or {}
-    for value in (params.get("original_max_position_embeddings"),
+    config = text_config(config)
+    for value in (rope_parameters(config).get("original_max_position_embeddings"),
                   getattr(config, "original_max_position_embeddings", None),
                   getattr(config, "max_position_embeddings", None)):
         if value:
@@ -72,154 +166,164 @@ def training_length(config) -> int:
     )
 
 
-def rope_info(model: nn.Module, train_len: int | None = None) -> RopeInfo:
-    """Read base, rotary dim and training length, with clear errors for models lctx cannot patch."""
-    config = text_config(model)
-    arch = getattr(config, "model_type", type(model).__name__)
-    rotaries = rotary_modules(model)
-    if not rotaries:
-        raise UnsupportedModelError(
-            f"model type {arch!r} has no rotary position embedding (no module with inv_freq; e.g. GPT-2 uses "
-            f"learned absolute positions), so RoPE variants do not apply. Supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if len(rotaries) > 1 or isinstance(getattr(config, "rope_parameters", {}).get("rope_type"), dict):
-        raise UnsupportedModelError(
-            f"model type {arch!r} has {len(rotaries)} rotary embeddings (per-layer-type RoPE), which lctx does "
-            f"not patch yet. Supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    rotary = rotaries[0]
-    params = config.rope_parameters or {}
-    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().float().cpu().clone()
-    rotary_dim = 2 * inv_freq.numel()
-    expected = int(head_dim * params.get("partial_rotary_factor", 1.0))
-    if expected != rotary_dim:
-        raise UnsupportedModelError(
-            f"{arch}: rotary module has {inv_freq.numel()} frequencies but head_dim × partial_rotary_factor "
-            f"= {expected}; lctx does not know how this model rotates"
-        )
-    return RopeInfo(
-        arch=arch, theta=theta, rotary_dim=rotary_dim, head_dim=head_dim,
-        train_len=int(train_len) if train_len else training_length(config),
-        inv_freq=inv_freq, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0),
-    )
-
-
 def default_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
     """RoPE's θ_i = b^(-2i/d), written as transformers writes it so equal bases give equal bits."""
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
 
 
-FrequencyFn = Callable[[int], tuple[torch.Tensor, float]]
+def no_rope_error(arch: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"model type {arch!r} has no rotary position embedding (no module with an inv_freq buffer; e.g. GPT-2 uses "
+        "learned absolute positions, GPT-J a fixed sin/cos table), so RoPE variants do not apply"
+    )
 
 
-@contextlib.contextmanager
-def override_rotary(model: nn.Module, frequencies: FrequencyFn, seq_len: int | None,
-                    length_dependent: bool) -> Iterator[None]:
-    """Make the rotary module use ``frequencies(seq_len) -> (inv_freq, attention_scaling)``.
-
-    Static variants set the buffer once. Length-dependent ones recompute it from the longest position of each
-    call that starts a sequence (position 0); calls that continue a cached sequence keep the frequencies the
-    cache was built with, so cached and uncached decoding agree. ``seq_len`` freezes the length instead.
-    The model's own forward still computes cos/sin, so at factor 1 the logits are bit-identical; on exit the
-    original buffer, scaling, rope_type and forward are put back.
-    """
-    (rotary,) = rotary_modules(model)
-    saved = (rotary.inv_freq.detach().clone(), rotary.attention_scaling, getattr(rotary, "rope_type", None))
-    had_forward = "forward" in rotary.__dict__
-    original_forward = rotary.forward
-
-    def install(length: int) -> None:
-        inv_freq, scaling = frequencies(length)
-        rotary.inv_freq.copy_(inv_freq.to(rotary.inv_freq.device, rotary.inv_freq.dtype))
-        rotary.attention_scaling = scaling
-
-    try:
-        rotary.rope_type = "default"  # stop transformers' own dynamic updates from overwriting ours
-        if length_dependent and seq_len is None:
-            def forward(x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
-                # A call starting past position 0 continues a cached sequence (decoding, chunked prefill):
-                # keep the frequencies its cached keys were rotated with (the transformers #25104 bug).
-                if int(position_ids.min()) == 0:
-                    install(int(position_ids.max()) + 1)
-                return original_forward(x, position_ids, *args, **kwargs)
-
-            rotary.forward = forward
-        else:
-            install(seq_len or 0)
-        yield
-    finally:
-        if "forward" in rotary.__dict__ and not had_forward:
-            del rotary.forward
-        rotary.inv_freq.copy_(saved[0])
-        rotary.attention_scaling = saved[1]
-        if saved[2] is not None:
-            rotary.rope_type = saved[2]
-
-
-# ---- attention seam ---------------------------------------------------------------------------------------
-
-AttentionHook = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-_PREFIX = "lctx|"
-
-
-def _dispatch(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Registered attention function: runs the hook installed on this module over its original function."""
-    hook, original = module._lctx_attention
-    return hook(module, query, key, value, attention_mask, original=original, **kwargs)
-
-
-def _register(base: str) -> str:
-    name = _PREFIX + base
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(name, _dispatch)
-        mask = ALL_MASK_ATTENTION_FUNCTIONS.get(base, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
-    return name
-
-
-@contextlib.contextmanager
-def override_attention(model: nn.Module, hook: AttentionHook) -> Iterator[None]:
-    """Route every attention call through ``hook(module, q, k, v, mask, original=fn, **kwargs)``.
-
-    ``original`` is the attention function the model was using (SDPA, eager, flash…), and the mask is built
-    exactly as for it, so a hook that only rescales the query keeps the model's kernels.
-    """
+def rope_info_of(model: nn.Module, rotary: Rotary, train_len: int | None = None) -> RopeInfo:
+    """Base, rotary dimension and training length of one rotary."""
     config = text_config(model)
-    base = config._attn_implementation or "eager"
-    if base.startswith(_PREFIX):
-        raise RuntimeError("lctx: attention is already patched; leave the other patch first")
-    modules = attention_modules(model)
-    for module in modules:
-        # "eager" is each architecture's own function (Gemma 2's applies softcapping), as the model looks it up
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        module._lctx_attention = (hook, ALL_ATTENTION_FUNCTIONS.get_interface(base, eager))
-    configs = {id(c): c for c in (model.config, config)}.values()
-    try:
-        for c in configs:
-            c._attn_implementation_internal = _register(base)
-        yield
-    finally:
-        for c in configs:
-            c._attn_implementation_internal = base
-        for module in modules:
-            del module._lctx_attention
+    arch = getattr(config, "model_type", type(model).__name__)
+    params = rope_parameters(config, rotary.layer_type)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise UnsupportedModelError(f"{arch}: the config names no rope_theta for its rotary embedding "
+                                    f"{type(rotary.module).__name__}, so lctx cannot recompute its frequencies")
+    inv_freq = rotary.original_inv_freq.detach().float().cpu().clone()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return RopeInfo(arch=arch, theta=float(theta), rotary_dim=2 * inv_freq.numel(), head_dim=int(head_dim),
+                    train_len=int(train_len) if train_len else training_length(config), inv_freq=inv_freq,
+                    attention_scaling=rotary.attention_scaling, layer_type=rotary.layer_type)
+
+
+def select(model: nn.Module, layers: str | None) -> list[Rotary]:
+    """The rotaries a variant changes for ``layers`` (None: the model's own convention, see :data:`LAYERS`).
+
+    Per-layer-type RoPE (one set of frequencies per layer type): the full-attention types by default, as
+    Gemma 3's own long-context config scales only its global layers. One rotary serving every layer: that one.
+    """
+    found = rotaries(model)
+    arch = getattr(text_config(model), "model_type", type(model).__name__)
+    if not found:
+        raise no_rope_error(arch)
+    typed = [r for r in found if r.layer_type is not None]
+    if layers in (None, "all") or not typed:
+        if layers in ("full", "sliding") and not typed:
+            return found  # one rotary for every layer: the caller restricts by attention module
+        chosen = [r for r in typed if not r.local] if layers is None and typed else found
+        return chosen or found
+    chosen = [r for r in found if r.local == (layers == "sliding")]
+    if not chosen:
+        kinds = sorted({r.layer_type for r in typed})
+        raise UnsupportedModelError(f"layers={layers}: {arch} has no {layers}-attention RoPE (its rotary layer "
+                                    f"types: {', '.join(kinds)})")
+    return chosen
+
+
+def rope_infos(model: nn.Module, train_len: int | None = None, layers: str | None = None) -> list[tuple[Rotary,
+                                                                                                        RopeInfo]]:
+    """(rotary, info) for each rotary :func:`select` picks."""
+    return [(r, rope_info_of(model, r, train_len)) for r in select(model, layers)]
+
+
+def rope_info(model: nn.Module, train_len: int | None = None) -> RopeInfo:
+    """Base, rotary dim and training length of the model's main rotary (full attention first)."""
+    return rope_infos(model, train_len)[0][1]
+
+
+def check_frequencies(info: RopeInfo, rotary: Rotary, rope_type: str) -> None:
+    """Refuse a rotary whose frequencies are not θ^(−2i/d) for the config's θ (frequency variants recompute them)."""
+    if rope_type != "default":
+        return  # a checkpoint's own scaling (yarn, llama3, …): its unscaled base cannot be compared
+    own = info.inv_freq
+    expected = torch.where(own != 0, default_inv_freq(info.theta, info.rotary_dim), 0.0)
+    if not torch.allclose(own, expected, rtol=1e-5, atol=0):
+        raise UnsupportedModelError(
+            f"{info.arch}: {type(rotary.module).__name__} holds frequencies that are not rope_theta^(-2i/d) for "
+            f"rope_theta={info.theta:g}, d={info.rotary_dim}, so lctx cannot recompute them")
+
+
+def rope_type_of(model: nn.Module, rotary: Rotary) -> str:
+    return str(rope_parameters(text_config(model), rotary.layer_type).get("rope_type", "default"))
+
+
+# ---- the LM head's own post-processing ---------------------------------------------------------------------
+
+class _Stub(nn.Module):
+    """Stands in for a submodule during one call: returns what it is given to return, records its input."""
+
+    def __init__(self, output: Any, like: nn.Module | None = None) -> None:
+        super().__init__()
+        self.output, self.seen = output, None
+        if like is not None and isinstance(getattr(like, "weight", None), torch.Tensor):
+            self.weight = like.weight  # some forwards cast the hidden states to the head's dtype
+
+    def forward(self, x: Any, *args, **kwargs) -> Any:
+        self.seen = x
+        return self.output
+
+
+class _Hidden(dict):
+    """A base-model output holding only ``last_hidden_state``; other fields read as None."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self.get(name)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self["last_hidden_state"] if key == 0 else dict.__getitem__(self, key)
+
+
+def logits_processor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(lm_head(hidden)) == model(ids).logits``: what the model's forward does after its output embedding.
+
+    Taken from the model's own forward, not from a list: the forward runs with the base model returning the
+    hidden states and the output embedding returning the logits given, so Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, Gemma's final soft-cap (in the dtype the model uses) and anything else come out as the
+    model computes them. Raises UnsupportedModelError when the model transforms the hidden states before its
+    output embedding (ModernBERT-decoder's prediction head): then ``lm_head(hidden)`` is not the input to undo.
+    """
+    head = model.get_output_embeddings()
+    base = model.base_model
+    if head is None or base is model:
+        raise UnsupportedModelError(f"{type(model).__name__} has no separate output embedding to chunk the loss over")
+    owner, name = _parent(model, head)
+    base_owner, base_name = _parent(model, base)
+
+    def process(logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.dim() == 2
+        rows = logits[None] if flat else logits
+        hidden = torch.zeros(*rows.shape[:-1], 1, device=rows.device, dtype=rows.dtype)
+        head_stub, base_stub = _Stub(rows, head), _Stub(_Hidden(last_hidden_state=hidden))
+        ids = torch.zeros(rows.shape[:-1], dtype=torch.long, device=rows.device)
+        setattr(owner, name, head_stub)
+        setattr(base_owner, base_name, base_stub)
+        try:
+            out = model(input_ids=ids, use_cache=False).logits
+        except Exception as err:  # noqa: BLE001 - whatever the forward does to the stand-ins, it is a refusal
+            raise _head_error(model, f"{type(err).__name__}: {err}") from None
+        finally:
+            setattr(owner, name, head)
+            setattr(base_owner, base_name, base)
+        seen = head_stub.seen
+        if not isinstance(seen, torch.Tensor) or seen.shape != hidden.shape or seen.data_ptr() != hidden.data_ptr():
+            raise _head_error(model, "its output embedding is not applied to the final hidden states as they are")
+        return out[0] if flat else out
+
+    return process
+
+
+def _head_error(model: nn.Module, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{type(model).__name__}: the chunked loss cannot reproduce the LM head ({why}); "
+                                 "its forward transforms the hidden states before the output embedding")
+
+
+def _parent(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    for module in model.modules():
+        for attr, sub in module.named_children():
+            if sub is child:
+                return module, attr
+    raise UnsupportedModelError(f"{type(model).__name__}: cannot find where {type(child).__name__} is attached")
 
 
 def logn_scale(positions: torch.Tensor, train_len: int) -> torch.Tensor:
     """Su's log-n factor max(1, ln n / ln L) for 0-based ``positions`` (n = position + 1)."""
     n = positions.to(torch.float32) + 1.0
     return torch.clamp(torch.log(n) / math.log(train_len), min=1.0)
-
-
-def query_positions(kwargs: dict, query: torch.Tensor) -> torch.Tensor:
-    """Positions of the query rows, (batch, q_len); from ``position_ids`` that the decoder passes down."""
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        raise UnsupportedModelError(
-            "this model does not pass position_ids to its attention function, which position-aware attention "
-            "patches (logn, rerope, self-extend) need"
-        )
-    return position_ids.expand(query.shape[0], -1)

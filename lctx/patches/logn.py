@@ -1,7 +1,8 @@
-"""Su's log-n attention scaling: the query at 1-based position n is multiplied by max(1, ln n / ln L).
+"""Attention-scale modifiers of frequency variants, applied at the attention seam after rotation and any norm.
 
-Keeps attention entropy roughly constant as the context grows past the training length L. Applied at the
-attention seam, after rotation and any query norm, so it composes with every variant and kernel.
+Su's log-n scaling multiplies the query at 1-based position n by max(1, ln n / ln L), keeping attention entropy
+roughly constant as the context grows past the training length L; DeepSeek's YaRN multiplies the softmax scale
+by mscale² (``deepseek-yarn``). Both keep the model's attention kernels, so they compose with every variant.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lctx.patches.arch import logn_scale, override_attention, query_positions
+from lctx.patches.arch import logn_scale
+from lctx.patches.seams import override_attention, query_positions
 
 
 def scale_query(query: torch.Tensor, positions: torch.Tensor, train_len: int) -> torch.Tensor:
@@ -21,11 +23,16 @@ def scale_query(query: torch.Tensor, positions: torch.Tensor, train_len: int) ->
 
 
 @contextlib.contextmanager
-def logn_attention(model: nn.Module, train_len: int) -> Iterator[None]:
-    """Scale queries by the log-n factor, then run the model's own attention function unchanged."""
+def scaled_attention(model: nn.Module, logn_train_len: int | None, softmax_factor: float = 1.0) -> Iterator[None]:
+    """Scale queries by the log-n factor (when ``logn_train_len``) and the softmax scale by ``softmax_factor``,
+    then run the model's own attention function."""
 
     def hook(module, query, key, value, attention_mask, *, original, **kwargs):
-        query = scale_query(query, query_positions(kwargs, query), train_len)
+        if logn_train_len is not None:
+            query = scale_query(query, query_positions(kwargs, query), logn_train_len)
+        if softmax_factor != 1.0:
+            scaling = kwargs.get("scaling")
+            kwargs["scaling"] = (query.shape[-1] ** -0.5 if scaling is None else scaling) * softmax_factor
         return original(module, query, key, value, attention_mask, **kwargs)
 
     with override_attention(model, hook):

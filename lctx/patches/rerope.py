@@ -6,10 +6,12 @@ part is "query rotated at fq(i), key rotated at gk(j)" and the near part is ordi
 plain attention over a band of keys. Both parts run per chunk of query rows through a kernel that also returns
 the log-sum-exp, and are merged exactly; no length × length score matrix exists, so memory grows linearly.
 
-While patched, the model's rotary module rotates queries and keys at the far key position gk(p) of their own
-position p (ReRoPE: 0, i.e. unrotated), so the KV cache holds every key as the far part reads it. Attention
-then rotates by differences, R(a)R(b) = R(a + b): near keys by j − gk(j), queries by i − gk(i) (near) and
-fq(i) − gk(i) (far). A decoding step thus rotates only the keys inside the window, whatever the context length.
+While patched, the model's rotary module is called at the far key position gk(p) of each position p (ReRoPE:
+0, i.e. unrotated), so the model rotates queries and keys there in its own layout and the KV cache holds every
+key as the far part reads it. Attention then rotates by differences, R(a)R(b) = R(a + b): near keys by
+j − gk(j), queries by i − gk(i) (near) and fq(i) − gk(i) (far), in the layout the probe found for the module
+(:mod:`lctx.patches.layout`: halves or interleaved pairs, all of the head or its rotary part). A decoding step
+thus rotates only the keys inside the window, whatever the context length. Layers without RoPE are left alone.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 from torch import nn
 
 from lctx.patches import Family, Param, Variant, register, register_family
-from lctx.patches.arch import RopeInfo, override_attention, query_positions, rotary_modules
+from lctx.patches.arch import RopeInfo, Rotary, UnsupportedModelError, layer_kind, rope_info_of, select
+from lctx.patches.layout import Layout, probe
 from lctx.patches.logn import scale_query
+from lctx.patches.seams import override_attention, query_positions, rope_type_default
 
 CHUNK_SIZE = 1024  # query rows per kernel call (at most the window − 1 on the mask-free CPU path)
 
@@ -46,28 +50,28 @@ def _self_extend_far(pos_q: torch.Tensor, pos_k: torch.Tensor, p: Mapping[str, A
 
 
 class _Rotation:
-    """The model's RoPE (its frequencies, cos/sin scale and rotary dimension), applied at mapped positions.
+    """One rotary's RoPE (its frequencies) applied at mapped positions, in a module's layout.
 
-    ``kind`` names the angle as a function of position p: "cache" gk(p), with the model's cos/sin scale (what
-    the rotary module applies); "near" p − gk(p) and "far" fq(p) − gk(p), unscaled, applied on top of it. For
-    non-negative integer positions cos/sin come from a table per kind that grows as needed, so a decoding step
-    looks its angles up instead of recomputing them.
+    ``kind`` names the angle as a function of position p: "near" p − gk(p) and "far" fq(p) − gk(p), applied on
+    top of the model's own rotation at gk(p) (unscaled: the model applied its cos/sin scale). For non-negative
+    integer positions cos/sin come from a table per kind that grows as needed, so a decoding step looks its
+    angles up instead of recomputing them.
     """
 
     def __init__(self, info: RopeInfo, far: FarPositions, params: Mapping[str, Any]) -> None:
         self.info, self.far, self.params = info, far, params
         self.inv_freq: dict[torch.device, torch.Tensor] = {}
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.plain = Layout(None, 0, info.rotary_dim // 2, False)  # rotate_half over the first rotary_dim dims
 
     def _compute(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         device = positions.device
         if device not in self.inv_freq:
             self.inv_freq[device] = self.info.inv_freq.to(device)
         fq, gk = self.far(positions, positions, self.params)
-        angle = {"cache": gk, "near": positions - gk, "far": fq - gk}[kind]
+        angle = {"near": positions - gk, "far": fq - gk}[kind]
         freqs = angle[..., None].float() * self.inv_freq[device]
-        scale = self.info.attention_scaling if kind == "cache" else 1.0
-        return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def _table(self, kind: str, dtype: torch.dtype, device: torch.device,
                size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,11 +88,11 @@ class _Rotation:
         cos, sin = self._table(kind, dtype, positions.device, int(positions.max()) + 1)
         return cos[positions], sin[positions]
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str, start: int | None = None) -> torch.Tensor:
-        """x (B, H, T, D) rotated by the ``kind`` angle of positions (B, T), as apply_rotary_pos_emb rotates.
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, kind: str, start: int | None = None,
+                 layout: Layout | None = None) -> torch.Tensor:
+        """x (B, H, T, D) rotated by the ``kind`` angle of positions (B, T), in ``layout`` (default: rotate_half).
 
         ``start`` says every row's positions are start, start + 1, …: the table is sliced instead of indexed.
-        Written on halves (x1·cos − x2·sin, x2·cos + x1·sin) into one new tensor, without rotate_half's copies.
         """
         length = x.shape[2]
         if start is not None and start >= 0:
@@ -96,13 +100,7 @@ class _Rotation:
                         for t in self._table(kind, x.dtype, x.device, start + length))
         else:
             cos, sin = (t[:, None] for t in self.cos_sin(positions, kind, x.dtype))
-        half = self.info.rotary_dim // 2
-        x1, x2 = x[..., :half], x[..., half:2 * half]
-        out = torch.empty_like(x)
-        torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
-        torch.mul(x2, cos, out=out[..., half:2 * half]).addcmul_(x1, sin)
-        out[..., 2 * half:] = x[..., 2 * half:]
-        return out
+        return (layout or self.plain).rotate(x, cos, sin)
 
 
 MaskCache = dict[tuple, torch.Tensor]
@@ -274,7 +272,8 @@ def _causal_band(acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor,
 
 
 def _one_row(near: tuple[torch.Tensor, torch.Tensor], far: tuple[torch.Tensor, torch.Tensor] | None,
-             value: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float | None) -> torch.Tensor:
+             value: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float | None,
+             sink: torch.Tensor | None = None) -> torch.Tensor:
     """A single query row (a decoding step): far and near scores side by side, one softmax, (B, Hq, 1, D).
 
     ``near`` and ``far`` are (query, keys) pairs; the far keys and then the near keys are consecutive cache slots,
@@ -292,21 +291,28 @@ def _one_row(near: tuple[torch.Tensor, torch.Tensor], far: tuple[torch.Tensor, t
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
         scores = scores + mask.float().reshape(b, 1 if mask.shape[1] == 1 else groups, -1, mask.shape[-1])
-    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    if sink is not None:  # a column of per-head sink logits, dropped after the softmax
+        column = sink.float().view(1, groups, heads // groups, 1).expand(b, -1, -1, 1)
+        weights = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1].to(value.dtype)
+    else:
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)
     return (weights @ value).view(b, heads, 1, -1)
 
 
 def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, *, rotate: _Rotation, params: Mapping[str, Any],
-                       scaling: float | None = None, softcap: float | None = None, sliding_window: int | None = None,
-                       **kwargs) -> tuple[torch.Tensor, None]:
+                       layout: Layout | None = None, scaling: float | None = None, softcap: float | None = None,
+                       sliding_window: int | None = None, s_aux: torch.Tensor | None = None,
+                       sinks: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Attention over q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D) rotated at gk(position) by the patched rotary
     module: RoPE inside the window, the far map beyond.
 
     Keys are the whole cache, the queries its last Tq slots; key slot t sits at position
     ``position_ids[:, -1] − (Tk − 1 − t)``, which holds for prefill, cached decoding and left padding.
-    Returns the output as (B, Tq, Hq, D), like transformers' attention functions, and no weights.
+    ``s_aux``/``sinks`` (gpt-oss) are per-head logits of a key with no value, in every row's softmax.
+    Returns the output as (B, Tq, Hq, Dv), like transformers' attention functions, and no weights.
     """
+    sink = s_aux if s_aux is not None else sinks
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
     offset = k_len - q_len
@@ -322,19 +328,20 @@ def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     start = int(first[0]) if batch == 1 or bool((first == first[0]).all()) else None
 
     near_lo = max(0, offset - min(window, reach) + 1)  # the first key any query sees within the window
-    q_near = rotate(query, pos_q, "near", None if start is None else start + offset)
-    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:], "near", None if start is None else start + near_lo)
+    q_near = rotate(query, pos_q, "near", None if start is None else start + offset, layout)
+    k_near = rotate(key[:, :, near_lo:], pos_k[:, near_lo:], "near", None if start is None else start + near_lo,
+                    layout)
     v_near = value[:, :, near_lo:]
     far_lo, far_hi = max(0, offset - reach + 1), k_len - window if window < reach else 0
     if far_hi > far_lo:
-        q_far = rotate(query, pos_q, "far", None if start is None else start + offset)
+        q_far = rotate(query, pos_q, "far", None if start is None else start + offset, layout)
         k_far = key[:, :, far_lo:far_hi]  # as cached: rotated at gk(j)
         v_far = value[:, :, far_lo:far_hi]
 
     if q_len == 1:
         lo = far_lo if far_hi > far_lo else near_lo
         out = _one_row((q_near, k_near), (q_far, k_far) if far_hi > far_lo else None, value[:, :, lo:],
-                       None if attention_mask is None else attention_mask[..., lo:], scale, softcap)
+                       None if attention_mask is None else attention_mask[..., lo:], scale, softcap, sink)
         return out.transpose(1, 2), None
 
     out = query.new_empty(batch, q_len, heads, value.shape[-1])
@@ -363,42 +370,82 @@ def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                 acc = _merge(*acc, far_out, far_lse)
             else:
                 acc = _causal_band(acc, q_far[:, :, a:b], k_far, v_far, far_lo, rows[0], pieces, scale)
+        if sink is not None:  # the sink's share of each row's softmax leaves the keys' outputs scaled down
+            sink_lse = sink.float().view(1, -1, 1).expand_as(acc[1])
+            acc = acc[0] * torch.exp(acc[1] - torch.logaddexp(acc[1], sink_lse))[..., None], acc[1]
         out[:, a:b] = acc[0].transpose(1, 2)
     return out, None
 
 
 @contextlib.contextmanager
-def far_rotated(model: nn.Module, rotate: _Rotation) -> Iterator[None]:
-    """Make the rotary module return cos/sin of the far key position gk(p) (same shapes, dtypes and scale)."""
-    (rotary,) = rotary_modules(model)
-    saved = rotary.__dict__.get("forward")
-    original = rotary.forward
+def far_rotated(rotaries: list[Rotary], far: FarPositions, params: Mapping[str, Any]) -> Iterator[None]:
+    """Call each rotary module at the far key position gk(p) of the positions it is given (its own cos/sin layout,
+    dtype and scale); a module serving several layer types does so for the types in ``rotaries`` only."""
+    types: dict[int, set[str | None]] = {}
+    modules = {}
+    for rotary in rotaries:
+        types.setdefault(id(rotary.module), set()).add(rotary.layer_type)
+        modules[id(rotary.module)] = rotary.module
+    saved = {key: module.__dict__.get("forward") for key, module in modules.items()}
 
-    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
-        cos, sin = original(x, position_ids, *args, **kwargs)
-        half_cos, half_sin = rotate.cos_sin(position_ids, "cache", cos.dtype)
-        return torch.cat((half_cos, half_cos), -1).expand_as(cos), torch.cat((half_sin, half_sin), -1).expand_as(sin)
+    def wrap(module: nn.Module, chosen: set[str | None]) -> None:
+        original = module.forward
 
-    rotary.forward = forward
+        def forward(x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+            layer_type = kwargs.get("layer_type", args[0] if args else None)
+            if layer_type in chosen:
+                position_ids = far(position_ids, position_ids, params)[1]
+            return original(x, position_ids, *args, **kwargs)
+
+        module.forward = forward
+
     try:
+        for key, module in modules.items():
+            wrap(module, types[key])
         yield
     finally:
-        if saved is None:
-            del rotary.forward
-        else:
-            rotary.forward = saved
+        for key, module in modules.items():
+            if saved[key] is None:
+                del module.forward
+            else:
+                module.forward = saved[key]
+
+
+def _restore(rotate: _Rotation, layout: Layout, module, query, key, value, attention_mask, *, original, **kwargs):
+    """A layer the variant leaves alone whose rotary is far-rotated: rotate back to the true positions."""
+    positions = query_positions(kwargs, query)
+    pos_k = positions[:, -1:] - (key.shape[2] - 1) + torch.arange(key.shape[2], device=query.device)
+    query = rotate(query, positions, "near", None, layout)
+    key = rotate(key, pos_k, "near", None, layout)
+    return original(module, query, key, value, attention_mask, **kwargs)
 
 
 def _patcher(far: FarPositions):
     @contextlib.contextmanager
     def patch(model: nn.Module, info: RopeInfo, params: Mapping[str, Any], seq_len: int | None) -> Iterator[None]:
-        rotate = _Rotation(info, far, params)
+        layouts = probe(model)
+        layers = params.get("layers")
+        allowed = set(select(model, layers))
+        chosen = {m for m, layout in layouts.items() if layout is not None and layout.rotary in allowed
+                  and (layers not in ("full", "sliding") or layer_kind(model, m) == layers)}
+        if not chosen:
+            raise UnsupportedModelError(f"{info.arch}: no {'' if layers in (None, 'all') else layers + '-attention '}"
+                                        "layer with RoPE for an attention-level variant to change")
+        far_rotaries = {layouts[m].rotary for m in chosen}
+        rotations = {r: _Rotation(rope_info_of(model, r, info.train_len), far, params) for r in far_rotaries}
 
         def hook(module, query, key, value, attention_mask, *, original, **kwargs):
-            return windowed_attention(module, query, key, value, attention_mask, rotate=rotate, params=params,
-                                      **kwargs)
+            layout = layouts.get(module)
+            if module in chosen:
+                return windowed_attention(module, query, key, value, attention_mask, rotate=rotations[layout.rotary],
+                                          params=params, layout=layout, **kwargs)
+            if layout is not None and layout.rotary in far_rotaries:
+                return _restore(rotations[layout.rotary], layout, module, query, key, value, attention_mask,
+                                original=original, **kwargs)
+            return original(module, query, key, value, attention_mask, **kwargs)
 
-        with far_rotated(model, rotate), override_attention(model, hook):
+        with (rope_type_default(list(far_rotaries)), far_rotated(list(far_rotaries), far, params),
+              override_attention(model, hook)):
             yield
 
     return patch

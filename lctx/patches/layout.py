@@ -1,0 +1,139 @@
+"""How each attention module rotates its queries and keys, learned by probing the model rather than from a list.
+
+Attention-level variants rotate queries and keys again inside attention (by position differences), so they must
+do it exactly as the model does: which dimensions rotate (all, the first part with partial rotary, the last part
+with MLA's decoupled ``qk_rope_head_dim``), how they pair (``rotate_half`` halves, or interleaved pairs as in
+GLM, Cohere, Llama 4 and DeepSeek-V2's complex form), with which rotary's frequencies (Gemma 3's layer types),
+or not at all (SmolLM3's and Llama 4's NoPE layers, Cohere 2's global layers).
+
+The probe runs one token through the model at position 0 and at position P and reads the queries and keys each
+attention module hands to the attention function: with one token attention returns the value whatever the
+rotation, so every layer sees the same input both times, and the two reads differ only by RoPE's rotation by P.
+The layout is the one candidate that maps the first read onto the second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lctx.patches.arch import Rotary, UnsupportedModelError, rotaries, text_config
+from lctx.patches.seams import override_attention
+
+PROBE_POSITION = 5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where RoPE sits in a head: ``pairs`` frequency pairs from dimension ``offset``, halves or interleaved."""
+
+    rotary: Rotary
+    offset: int
+    pairs: int
+    interleaved: bool
+
+    def describe(self, head_dim: int) -> str:
+        part = "" if 2 * self.pairs == head_dim else (
+            f"dims {self.offset}–{self.offset + 2 * self.pairs} of {head_dim}")
+        kind = "interleaved pairs" if self.interleaved else "rotate_half"
+        return ", ".join(x for x in (kind, part) if x)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two components of each rotating pair: (x1, x2) with x1·cos − x2·sin, x2·cos + x1·sin."""
+        o, n = self.offset, self.pairs
+        if self.interleaved:
+            return x[..., o:o + 2 * n:2], x[..., o + 1:o + 2 * n:2]
+        return x[..., o:o + n], x[..., o + n:o + 2 * n]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (…, D) rotated by angles whose cos/sin (broadcastable to …, pairs) are given; other dims copied.
+
+        Written on the two components (x1·cos − x2·sin, x2·cos + x1·sin) into one new tensor, without
+        rotate_half's copies.
+        """
+        out = torch.empty_like(x)
+        (x1, x2), (o1, o2) = self.split(x), self.split(out)
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+        end = self.offset + 2 * self.pairs
+        if self.offset:
+            out[..., :self.offset] = x[..., :self.offset]
+        if end < x.shape[-1]:
+            out[..., end:] = x[..., end:]
+        return out
+
+
+def _candidates(rotary_list: list[Rotary], head_dim: int) -> list[Layout]:
+    found = []
+    for rotary in rotary_list:
+        pairs = rotary.inv_freq.numel()
+        for offset in sorted({0, head_dim - 2 * pairs}):
+            if 0 <= offset and offset + 2 * pairs <= head_dim:
+                found += [Layout(rotary, offset, pairs, interleaved) for interleaved in (False, True)]
+    return found
+
+
+def _error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    expected, got = expected.float(), got.float()
+    return float((expected - got).norm() / expected.norm().clamp(min=1e-30))
+
+
+def _match(reads: list[tuple[torch.Tensor, torch.Tensor]], rotary_list: list[Rotary],
+           tolerance: float) -> Layout | None | str:
+    """The layout mapping the position-0 read onto the position-P read; None for NoPE; a reason if nothing fits."""
+    (q0, k0), (qp, kp) = reads
+    if _error(qp, q0) < tolerance and _error(kp, k0) < tolerance:
+        return None
+    best, best_error = None, float("inf")
+    for layout in _candidates(rotary_list, q0.shape[-1]):
+        angle = PROBE_POSITION * layout.rotary.original_inv_freq.detach().float().to(q0.device)
+        cos, sin = angle.cos(), angle.sin()
+        error = max(_error(qp, layout.rotate(q0.float(), cos, sin)), _error(kp, layout.rotate(k0.float(), cos, sin)))
+        if error < best_error:
+            best, best_error = layout, error
+    if best is None or best_error >= tolerance:
+        return (f"its queries and keys at position {PROBE_POSITION} are not those at position 0 rotated by any "
+                f"rotary's frequencies in a layout lctx knows (best relative error {best_error:.2g})")
+    return best
+
+
+def probe(model: nn.Module) -> dict[nn.Module, Layout | None]:
+    """Each attention module's RoPE layout (None: the layer has no RoPE). Cached on the model.
+
+    Raises UnsupportedModelError naming the module whose rotation matches no layout.
+    """
+    cache = model.__dict__.get("_lctx_layouts")
+    if cache is not None:
+        return cache
+    reads: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def hook(module, query, key, value, attention_mask, *, original, **kwargs):
+        reads.setdefault(module, []).append((query[:1, :, -1:].detach().clone(), key[:1, :, -1:].detach().clone()))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    config = text_config(model)
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    token = torch.tensor([[min(5, embeddings.weight.shape[0] - 1)]], device=device)
+    with torch.no_grad(), override_attention(model, hook):
+        for position in (0, PROBE_POSITION):
+            model(input_ids=token, position_ids=torch.tensor([[position]], device=device), use_cache=False)
+    arch = getattr(config, "model_type", type(model).__name__)
+    if not reads:
+        raise UnsupportedModelError(f"{arch}: no attention module reached the attention function on a probe "
+                                    "forward, so lctx cannot patch attention")
+    tolerance = 1e-3 if embeddings.weight.dtype == torch.float32 else 3e-2
+    layouts: dict[nn.Module, Layout | None] = {}
+    rotary_list = rotaries(model)
+    for module, pair in reads.items():
+        if len(pair) != 2:
+            raise UnsupportedModelError(f"{arch}: {type(module).__name__} ran {len(pair)} times on one probe forward")
+        found = _match(pair, rotary_list, tolerance)
+        if isinstance(found, str):
+            raise UnsupportedModelError(f"{arch}: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+                                        f": {found}")
+        layouts[module] = found
+    model.__dict__["_lctx_layouts"] = layouts
+    return layouts
