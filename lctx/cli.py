@@ -291,3 +291,35 @@ def lm_eval_(ctx: typer.Context) -> None:
     except (lm_eval_bridge.ModelArgError, *runner.USAGE_ERRORS) as err:
         raise _fail(err) from None
     raise typer.Exit(code)
+
+
+@app.command("archs")
+def archs_(
+    as_json: bool = typer.Option(False, "--json", help="print the full report as JSON"),
+    types: list[str] = typer.Option(None, "--type", help="model types to check (repeatable; default: every causal "
+                                    "LM of the installed transformers)"),
+) -> None:
+    """Which model types lctx patches: a live matrix of tiny models (frequency parity, attention exactness).
+
+    Example: lctx archs --json > archs.json   (a few minutes on a CPU)
+    """
+    from lctx import archs
+
+    with console.status("") as status:
+        rows = archs.run(types or None, progress=lambda t: status.update(f"checking {t}…"))
+    result = archs.report(rows)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"RoPE causal-LM model types of transformers {result['transformers']}")
+    for column in ("model type", "frequency", "attention", "LM head", "RoPE layout", "why not"):
+        table.add_column(column, overflow="fold")
+    for row in result["types"]:
+        why = "; ".join(x for x in (row["frequency_reason"], row["attention_reason"], *row["failures"]) if x)
+        table.add_row(row["model_type"], row["frequency"], row["attention"], row["head"], ", ".join(row["layout"]),
+                      escape(why))
+    console.print(table)
+    count = result["rope_types"]
+    console.print(f"{count} model types with RoPE: frequency variants pass on {result['frequency']['pass']} "
+                  f"({result['frequency']['share']:.0%}), attention-level variants on {result['attention']['pass']} "
+                  f"({result['attention']['share']:.0%}).", highlight=False)

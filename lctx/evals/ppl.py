@@ -35,11 +35,6 @@ CHUNK = 1024
 BUCKETS = 8
 
 
-def _final_logit_softcap(model) -> float | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "final_logit_softcapping", None)
-
-
 @torch.inference_mode()
 def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states ``(n, d)`` of the base model for one sequence of token ids ``(n,)``."""
@@ -53,14 +48,11 @@ def nll_from_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: i
     """Per-position NLL (float32) of ``targets[i]`` given ``hidden[i]``, LM head applied ``chunk`` rows at a time."""
     head = model.get_output_embeddings()
     device = head.weight.device
-    cap = _final_logit_softcap(model)
+    process = patches.arch.logits_processor(model)  # the forward's own soft-cap, logit scale, … in its dtype
     out = torch.empty(len(targets), dtype=torch.float32)
     for start in range(0, len(targets), chunk):
         end = min(start + chunk, len(targets))
-        logits = head(hidden[start:end].to(device))
-        if cap:  # in the model's dtype, as its own forward does
-            logits = torch.tanh(logits / cap) * cap
-        logits = logits.float()
+        logits = process(head(hidden[start:end].to(device))).float()
         out[start:end] = F.cross_entropy(logits, targets[start:end].to(device), reduction="none").cpu()
     return out
 

@@ -187,7 +187,7 @@ def parse(text: str) -> RopeSpec:
     text = text.strip()
     if not text:
         raise SpecError(f"empty RoPE spec. Grammar: {GRAMMAR}. Variants: {', '.join(variant_names())}")
-    if "," in text:
+    if len(grammar.split_list(text)) > 1:
         raise SpecError(f"{text!r} holds several specs; pass them to parse_list. Grammar: {GRAMMAR}")
     parsed = grammar.parse(text)
     head, _, rest = parsed.name.partition(":")

@@ -91,13 +91,20 @@ def text_config(model_or_config: Any):
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The text decoder (a multimodal model's language model), whose RoPE lctx patches."""
+    """The text decoder (a multimodal model's language model), whose RoPE lctx patches: ``get_decoder()``, or
+    else the child holding the input embeddings (Llama 4's causal LM names its decoder unlike its prefix)."""
     get = getattr(model, "get_decoder", None)
     try:
         found = get() if callable(get) else None
     except (AttributeError, NotImplementedError, ValueError):
         found = None
-    return found if isinstance(found, nn.Module) else model
+    if isinstance(found, nn.Module) and found is not model:
+        return found
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for child in model.children():
+        if embeddings is not None and any(m is embeddings for m in child.modules()):
+            return child
+    return model
 
 
 def rotaries(model: nn.Module) -> list[Rotary]:
@@ -125,6 +132,18 @@ def _calls_attention_interface(cls: type) -> bool:
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+@functools.cache
+def branches_on_implementation(cls: type) -> bool:
+    """Whether the module's forward does something else under another attention implementation's name
+    (DeepSeek Sparse Attention builds its indexer's mask only for "eager" and "sdpa")."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return any("_attn_implementation" in line and any(op in line for op in ("==", "!=", " in (", " in ["))
+               for line in source.splitlines())
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -182,7 +201,9 @@ def rope_info_of(model: nn.Module, rotary: Rotary, train_len: int | None = None)
     """Base, rotary dimension and training length of one rotary."""
     config = text_config(model)
     arch = getattr(config, "model_type", type(model).__name__)
-    params = rope_parameters(config, rotary.layer_type)
+    own = getattr(rotary.module, "config", None)  # a rotary built from its own config (Granite-SWA's per-layer θ)
+    params = rope_parameters(own if own is not None and hasattr(own, "rope_parameters") else config,
+                             rotary.layer_type)
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise UnsupportedModelError(f"{arch}: the config names no rope_theta for its rotary embedding "
@@ -230,7 +251,11 @@ def rope_info(model: nn.Module, train_len: int | None = None) -> RopeInfo:
 
 
 def check_frequencies(info: RopeInfo, rotary: Rotary, rope_type: str) -> None:
-    """Refuse a rotary whose frequencies are not θ^(−2i/d) for the config's θ (frequency variants recompute them)."""
+    """Refuse a rotary whose frequencies are not θ^(−2i/d) for the config's θ (frequency variants recompute them),
+    or whose cos/sin do not follow its frequency buffer."""
+    if not reads_buffers(rotary):
+        raise UnsupportedModelError(f"{info.arch}: {type(rotary.module).__name__} computes cos/sin without reading "
+                                    "its inv_freq buffer, so lctx cannot change its frequencies")
     if rope_type != "default":
         return  # a checkpoint's own scaling (yarn, llama3, …): its unscaled base cannot be compared
     own = info.inv_freq
@@ -241,6 +266,26 @@ def check_frequencies(info: RopeInfo, rotary: Rotary, rope_type: str) -> None:
             f"rope_theta={info.theta:g}, d={info.rotary_dim}, so lctx cannot recompute them")
 
 
+def reads_buffers(rotary: Rotary) -> bool:
+    """Whether the rotary's cos/sin follow its ``inv_freq`` buffer (Phi-MoE's recomputes them from the config on
+    every call, so rewriting the buffer would change nothing)."""
+    buffer = rotary.inv_freq
+    x = torch.zeros(1, device=buffer.device)
+    position = torch.tensor([[3]], device=buffer.device)
+    kwargs = {"layer_type": rotary.layer_type} if rotary.layer_type is not None else {}
+    saved = buffer.detach().clone()
+    with torch.no_grad():
+        try:
+            before = rotary.module(x, position, **kwargs)
+            buffer.mul_(0.5)
+            after = rotary.module(x, position, **kwargs)
+        finally:
+            buffer.copy_(saved)
+    pairs = zip(before if isinstance(before, tuple) else (before,), after if isinstance(after, tuple) else (after,),
+                strict=True)
+    return not all(torch.equal(a, b) for a, b in pairs)
+
+
 def rope_type_of(model: nn.Module, rotary: Rotary) -> str:
     return str(rope_parameters(text_config(model), rotary.layer_type).get("rope_type", "default"))
 
@@ -248,16 +293,22 @@ def rope_type_of(model: nn.Module, rotary: Rotary) -> str:
 # ---- the LM head's own post-processing ---------------------------------------------------------------------
 
 class _Stub(nn.Module):
-    """Stands in for a submodule during one call: returns what it is given to return, records its input."""
+    """Stands in for a submodule during one call: returns what it is given to return, records its input, and
+    reads every other attribute from the module it replaces (Falcon-H1's ``lm_head_multiplier``, head dtypes)."""
 
-    def __init__(self, output: Any, like: nn.Module | None = None) -> None:
+    def __init__(self, output: Any, like: nn.Module) -> None:
         super().__init__()
         self.output, self.seen = output, None
-        if like is not None and isinstance(getattr(like, "weight", None), torch.Tensor):
-            self.weight = like.weight  # some forwards cast the hidden states to the head's dtype
+        object.__setattr__(self, "_like", like)
 
-    def forward(self, x: Any, *args, **kwargs) -> Any:
-        self.seen = x
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_like"), name)
+
+    def forward(self, *args, **kwargs) -> Any:
+        self.seen = args[0] if args else next(iter(kwargs.values()), None)
         return self.output
 
 
@@ -281,7 +332,7 @@ def logits_processor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
     output embedding (ModernBERT-decoder's prediction head): then ``lm_head(hidden)`` is not the input to undo.
     """
     head = model.get_output_embeddings()
-    base = model.base_model
+    base = model.base_model if model.base_model is not model else decoder(model)
     if head is None or base is model:
         raise UnsupportedModelError(f"{type(model).__name__} has no separate output embedding to chunk the loss over")
     owner, name = _parent(model, head)
@@ -291,7 +342,7 @@ def logits_processor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
         flat = logits.dim() == 2
         rows = logits[None] if flat else logits
         hidden = torch.zeros(*rows.shape[:-1], 1, device=rows.device, dtype=rows.dtype)
-        head_stub, base_stub = _Stub(rows, head), _Stub(_Hidden(last_hidden_state=hidden))
+        head_stub, base_stub = _Stub(rows, head), _Stub(_Hidden(last_hidden_state=hidden), base)
         ids = torch.zeros(rows.shape[:-1], dtype=torch.long, device=rows.device)
         setattr(owner, name, head_stub)
         setattr(base_owner, base_name, base_stub)

@@ -85,6 +85,8 @@ def dynamic_ntk(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencie
 def _ramp_between(info: RopeInfo, factor: float, beta_fast: float, beta_slow: float) -> torch.Tensor:
     """YaRN's NTK-by-parts: per dimension, interpolate by ``factor`` (low frequencies) or keep (high)."""
     d, base = info.rotary_dim, info.theta
+    if factor == 1:  # the ramp below is the model only up to rounding; factor 1 must be it bit-exactly
+        return _base(info)
 
     def dim_of(rotations: float) -> float:  # dimension that turns ``rotations`` times over the training length
         return d * math.log(info.train_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -118,6 +120,8 @@ def dynamic_yarn(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequenci
 def llama3(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencies:
     factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
     freq = _base(info)
+    if factor == 1:  # the blend below is the model only up to rounding; factor 1 must be it bit-exactly
+        return freq, 1.0
     wavelen = 2 * math.pi / freq
     low_wavelen, high_wavelen = info.train_len / low, info.train_len / high
     smooth = (info.train_len / wavelen - low) / (high - low)

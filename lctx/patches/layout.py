@@ -14,6 +14,8 @@ The layout is the one candidate that maps the first read onto the second.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +29,15 @@ PROBE_POSITION = 5
 
 @dataclass(frozen=True)
 class Layout:
-    """Where RoPE sits in a head: ``pairs`` frequency pairs from dimension ``offset``, halves or interleaved."""
+    """Where RoPE sits in a head: ``pairs`` frequency pairs from dimension ``offset``, halves or interleaved,
+    turning forward (``direction`` 1) or, as NanoChat's flipped ``rotate_half`` does, backward (−1)."""
 
-    rotary: Rotary
+    rotary: Rotary | None
     offset: int
     pairs: int
     interleaved: bool
-
-    def describe(self, head_dim: int) -> str:
-        part = "" if 2 * self.pairs == head_dim else (
-            f"dims {self.offset}–{self.offset + 2 * self.pairs} of {head_dim}")
-        kind = "interleaved pairs" if self.interleaved else "rotate_half"
-        return ", ".join(x for x in (kind, part) if x)
+    head_dim: int = 0  # of the queries and keys the module hands to attention (0: not probed)
+    direction: int = 1
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two components of each rotating pair: (x1, x2) with x1·cos − x2·sin, x2·cos + x1·sin."""
@@ -55,6 +54,8 @@ class Layout:
         """
         out = torch.empty_like(x)
         (x1, x2), (o1, o2) = self.split(x), self.split(out)
+        if self.direction < 0:
+            sin = -sin
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
         torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
         end = self.offset + 2 * self.pairs
@@ -71,7 +72,8 @@ def _candidates(rotary_list: list[Rotary], head_dim: int) -> list[Layout]:
         pairs = rotary.inv_freq.numel()
         for offset in sorted({0, head_dim - 2 * pairs}):
             if 0 <= offset and offset + 2 * pairs <= head_dim:
-                found += [Layout(rotary, offset, pairs, interleaved) for interleaved in (False, True)]
+                found += [Layout(rotary, offset, pairs, interleaved, head_dim, direction)
+                          for interleaved in (False, True) for direction in (1, -1)]
     return found
 
 
@@ -80,9 +82,12 @@ def _error(expected: torch.Tensor, got: torch.Tensor) -> float:
     return float((expected - got).norm() / expected.norm().clamp(min=1e-30))
 
 
-def _match(reads: list[tuple[torch.Tensor, torch.Tensor]], rotary_list: list[Rotary],
-           tolerance: float) -> Layout | None | str:
-    """The layout mapping the position-0 read onto the position-P read; None for NoPE; a reason if nothing fits."""
+def _match(reads: list[tuple[torch.Tensor, torch.Tensor]], rotary_list: list[Rotary], tolerance: float,
+           layer_type: str | None) -> Layout | None | str:
+    """The layout mapping the position-0 read onto the position-P read; None for NoPE; a reason if nothing fits.
+
+    Rotaries with equal frequencies fit alike (OLMo 3's layer types share θ): the module's own layer type wins.
+    """
     (q0, k0), (qp, kp) = reads
     if _error(qp, q0) < tolerance and _error(kp, k0) < tolerance:
         return None
@@ -91,12 +96,24 @@ def _match(reads: list[tuple[torch.Tensor, torch.Tensor]], rotary_list: list[Rot
         angle = PROBE_POSITION * layout.rotary.original_inv_freq.detach().float().to(q0.device)
         cos, sin = angle.cos(), angle.sin()
         error = max(_error(qp, layout.rotate(q0.float(), cos, sin)), _error(kp, layout.rotate(k0.float(), cos, sin)))
-        if error < best_error:
-            best, best_error = layout, error
+        own = layout.rotary.layer_type is not None and layout.rotary.layer_type == layer_type
+        if error < best_error or (own and error < tolerance and best.rotary.layer_type != layer_type):
+            best, best_error = layout, min(error, best_error)
     if best is None or best_error >= tolerance:
         return (f"its queries and keys at position {PROBE_POSITION} are not those at position 0 rotated by any "
                 f"rotary's frequencies in a layout lctx knows (best relative error {best_error:.2g})")
     return best
+
+
+@contextlib.contextmanager
+def _record_calls(rotary_list: list[Rotary], called: set[int]) -> Iterator[None]:
+    modules = {id(r.module): r.module for r in rotary_list}
+    hooks = [module.register_forward_pre_hook(lambda *_, key=key: called.add(key)) for key, module in modules.items()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def probe(model: nn.Module) -> dict[nn.Module, Layout | None]:
@@ -117,20 +134,24 @@ def probe(model: nn.Module) -> dict[nn.Module, Layout | None]:
     embeddings = model.get_input_embeddings()
     device = embeddings.weight.device
     token = torch.tensor([[min(5, embeddings.weight.shape[0] - 1)]], device=device)
-    with torch.no_grad(), override_attention(model, hook):
+    rotary_list = rotaries(model)
+    called = set()  # a model may hold rotaries it never calls (Granite-SWA's global one)
+    with torch.no_grad(), override_attention(model, hook), _record_calls(rotary_list, called):
         for position in (0, PROBE_POSITION):
             model(input_ids=token, position_ids=torch.tensor([[position]], device=device), use_cache=False)
+    rotary_list = [r for r in rotary_list if id(r.module) in called] or rotary_list
     arch = getattr(config, "model_type", type(model).__name__)
     if not reads:
         raise UnsupportedModelError(f"{arch}: no attention module reached the attention function on a probe "
                                     "forward, so lctx cannot patch attention")
     tolerance = 1e-3 if embeddings.weight.dtype == torch.float32 else 3e-2
     layouts: dict[nn.Module, Layout | None] = {}
-    rotary_list = rotaries(model)
     for module, pair in reads.items():
         if len(pair) != 2:
             raise UnsupportedModelError(f"{arch}: {type(module).__name__} ran {len(pair)} times on one probe forward")
-        found = _match(pair, rotary_list, tolerance)
+        types = getattr(config, "layer_types", None) or ()
+        index = getattr(module, "layer_idx", None)
+        found = _match(pair, rotary_list, tolerance, types[index] if index is not None and index < len(types) else None)
         if isinstance(found, str):
             raise UnsupportedModelError(f"{arch}: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
                                         f": {found}")

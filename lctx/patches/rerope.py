@@ -170,23 +170,41 @@ def _materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return (weights @ v).view(b, h, t, -1), lse.view(b, h, t)
 
 
+def _same_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-pad the narrower of q/k and v (MLA: value heads differ from query-key heads), which fused kernels
+    need equal; zeros change neither scores nor outputs, the caller cuts the output back to v's width."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dv < dq:
+        v = torch.nn.functional.pad(v, (0, dq - dv))
+    elif dq < dv:
+        q, k = (torch.nn.functional.pad(t, (0, dv - dq)) for t in (q, k))
+    return q, k, v
+
+
+def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    width = v.shape[-1]
+    q, k, v = _same_width(q, k, v)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p=0.0, is_causal=causal, attn_mask=mask, scale=scale)
+    return out[..., :width], lse
+
+
 def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) with an additive mask: (output, log-sum-exp)."""
     if softcap is None and q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p=0.0, is_causal=False, attn_mask=mask, scale=scale)
-        return out, lse
+        return _cpu_flash(q, k, v, mask, False, scale)
     if softcap is None and q.device.type == "cuda":
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        rep, width = q.shape[1] // k.shape[1], v.shape[-1]
+        q, k, v = _same_width(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
         if mask is not None:  # the kernel wants the bias row stride aligned to 16 elements, and all heads
             width = -(-mask.shape[-1] // 16) * 16
             aligned = mask.new_empty(*mask.shape[:-1], width)[..., : mask.shape[-1]]
             mask = aligned.copy_(mask).expand(q.shape[0], q.shape[1], -1, -1)
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask, True, dropout_p=0.0, is_causal=False, scale=scale)
-        return out, lse[..., : q.shape[2]]
+        return out[..., :width], lse[..., : q.shape[2]]
     return _materialized(q, k, v, mask, scale, softcap)
 
 
@@ -252,8 +270,7 @@ def _causal_band(acc: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor,
         qs, ks, vs = q[:, :, r0 - a:r1 - a], k[:, :, lo - start:hi - start], v[:, :, lo - start:hi - start]
         if kind == "reversed":
             qs, ks, vs = qs.flip(2), ks.flip(2), vs.flip(2)
-        part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qs, ks, vs, dropout_p=0.0, is_causal=kind != "dense", scale=scale)
+        part, part_lse = _cpu_flash(qs, ks, vs, None, kind != "dense", scale)
         if kind == "reversed":
             part, part_lse = part.flip(2), part_lse.flip(-1)
         skip = r0 - a

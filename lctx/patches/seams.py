@@ -18,7 +18,14 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lctx.patches.arch import Rotary, UnsupportedModelError, attention_modules, text_config
+from lctx.patches.arch import (
+    Rotary,
+    UnsupportedModelError,
+    attention_modules,
+    branches_on_implementation,
+    rotary_modules,
+    text_config,
+)
 
 FrequencyFn = Callable[[int], tuple[torch.Tensor, float]]
 
@@ -100,13 +107,41 @@ _PREFIX = "lctx|"
 
 
 def _dispatch(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Registered attention function: runs the hook installed on this module over its original function."""
+    """Registered attention function: runs the hook installed on this module over its original function.
+
+    A model whose layers do not pass ``position_ids`` down gets the ones its rotary module was last called with.
+    """
     state = getattr(module, "_lctx_attention", None)
     if state is None:
         raise UnsupportedModelError(f"lctx: {type(module).__name__} calls the attention interface but was not "
                                     "found as an attention module, so it cannot be patched")
-    hook, original = state
+    hook, original, seen = state
+    if kwargs.get("position_ids") is None and seen and seen[-1].shape[-1] == query.shape[2]:
+        kwargs["position_ids"] = seen[-1]
     return hook(module, query, key, value, attention_mask, original=original, **kwargs)
+
+
+@contextlib.contextmanager
+def _track_positions(model: nn.Module, seen: list[torch.Tensor]) -> Iterator[None]:
+    """Record the position ids each forward gives the rotary modules (the decoder computes them once)."""
+    modules = rotary_modules(model)
+    saved = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        original = module.forward
+
+        def forward(x, position_ids, *args, _original=original, **kwargs):
+            seen[:] = [position_ids]
+            return _original(x, position_ids, *args, **kwargs)
+
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, saved, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _register(base: str) -> str:
@@ -154,19 +189,26 @@ def override_attention(model: nn.Module, hook: AttentionHook,
     if not every:
         raise UnsupportedModelError(f"{getattr(config, 'model_type', type(model).__name__)}: no attention module "
                                     "calls ALL_ATTENTION_FUNCTIONS, the seam attention-level patches use")
+    branching = sorted({type(m).__name__ for m in every if branches_on_implementation(type(m))})
+    if branching:
+        raise UnsupportedModelError(f"{', '.join(branching)} computes attention differently under another attention "
+                                    "implementation's name (e.g. a sparse indexer's mask), so lctx cannot route its "
+                                    "attention (logn, deepseek-yarn and attention-level variants)")
     chosen = {id(m) for m in (every if modules is None else modules)}
+    seen: list[torch.Tensor] = []
     for module in every:
         original = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_function(module) if base == "eager" else None)
 
         def passthrough(mod, query, key, value, mask, *, original, **kwargs):
             return original(mod, query, key, value, mask, **kwargs)
 
-        module._lctx_attention = (hook if id(module) in chosen else passthrough, original)
+        module._lctx_attention = (hook if id(module) in chosen else passthrough, original, seen)
     configs = _configs(model)
     try:
         for c in configs:
             c._attn_implementation_internal = _register(base)
-        yield
+        with _track_positions(model, seen):
+            yield
     finally:
         for c in configs:
             c._attn_implementation_internal = base
@@ -175,7 +217,8 @@ def override_attention(model: nn.Module, hook: AttentionHook,
 
 
 def query_positions(kwargs: dict, query: torch.Tensor) -> torch.Tensor:
-    """Positions of the query rows, (batch, q_len); from ``position_ids`` that the decoder passes down."""
+    """Positions of the query rows, (batch, q_len): ``position_ids`` as the decoder passes them down (or as
+    :func:`_dispatch` filled them in from the rotary module's call)."""
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         raise UnsupportedModelError(

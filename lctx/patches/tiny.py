@@ -93,7 +93,6 @@ def _cut_layers(d: dict[str, Any]) -> None:
 
 
 def _shrink_dict(d: dict[str, Any]) -> None:
-    heads = SIZES["num_attention_heads"]
     original_heads = d.get("num_attention_heads") or d.get("n_head")
     mla = isinstance(d.get("qk_rope_head_dim"), int)
     mla_head = mla and d.get("head_dim") == d.get("qk_rope_head_dim")
@@ -115,7 +114,7 @@ def _shrink_dict(d: dict[str, Any]) -> None:
             d[k] = _kv_heads(v if isinstance(v, int) else original_heads, original_heads)
         elif k in TOKEN_IDS and v is not None:
             d[k] = [TOKEN_IDS[k]] if isinstance(v, list) else TOKEN_IDS[k]
-        elif k.endswith("_token_id") and isinstance(v, int) and v >= VOCAB:
+        elif isinstance(k, str) and k.endswith("_token_id") and isinstance(v, int) and v >= VOCAB:
             d[k] = VOCAB - 1 - (hash(k) % 8)
     experts = any(isinstance(d.get(k), int) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
     for k in ("num_experts_per_tok", "n_routed_experts", "n_shared_experts"):
@@ -127,8 +126,12 @@ def _shrink_dict(d: dict[str, Any]) -> None:
         d["head_dim"] = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
     if mla and "qk_head_dim" in d:
         d["qk_head_dim"] = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
-    if isinstance(d.get("num_attention_heads"), int) and "head_dim" not in d and isinstance(d.get("hidden_size"), int):
-        d["num_attention_heads"] = heads
+    rope = d.get("rope_parameters") or {}
+    partials = [e.get("partial_rotary_factor") for e in (*rope.values(), rope) if isinstance(e, dict)]
+    partial = next((p for p in (*partials, d.get("partial_rotary_factor")) if isinstance(p, float)), None)
+    if partial is not None and isinstance(d.get("head_dim"), int) and not mla:
+        # an odd rotary dimension (16 × 0.334 = 5) is an artefact of shrinking: widen the head until it is even
+        d["head_dim"] = next(h for h in (16, 24, 32, 48, 64, 96, 128) if int(h * partial) % 2 == 0 and h * partial >= 2)
     _cut_layers(d)
 
 
