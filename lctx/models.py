@@ -142,8 +142,9 @@ def load(ref: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto",
     config = load_config(ref)
     source, name = _source(ref)
     architectures = config.architectures or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) if architectures else \
-        type(config) in AutoModelForCausalLM._model_mapping
+    in_mapping = type(config) in AutoModelForCausalLM._model_mapping  # Gemma 3's causal LM is ForConditionalGeneration
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) or a.endswith("ForConditionalGeneration") and in_mapping
+                 for a in architectures) if architectures else in_mapping
     if not causal:
         raise ModelLoadError(f"model {ref!r} ({config.model_type}) is not a causal language model")
     dev = resolve_device(device)

@@ -107,6 +107,12 @@ def decoder(model: nn.Module) -> nn.Module:
     return model
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under the LM head, whose ``last_hidden_state`` the head reads (``model.base_model``, unless
+    that is the causal LM itself, as for Llama 4's text model)."""
+    return model.base_model if model.base_model is not model else decoder(model)
+
+
 def rotaries(model: nn.Module) -> list[Rotary]:
     """Every set of frequencies in the decoder: plain ``inv_freq`` buffers and per-layer-type ``{type}_inv_freq``."""
     found = []
@@ -274,6 +280,12 @@ def reads_buffers(rotary: Rotary) -> bool:
     position = torch.tensor([[3]], device=buffer.device)
     kwargs = {"layer_type": rotary.layer_type} if rotary.layer_type is not None else {}
     saved = buffer.detach().clone()
+    rope_type = getattr(rotary.module, "rope_type", None)  # no dynamic/longrope update during the probe
+    kept = dict(rope_type) if isinstance(rope_type, dict) else rope_type
+    if isinstance(rope_type, dict):
+        rope_type[rotary.layer_type] = "default"
+    elif rope_type is not None:
+        rotary.module.rope_type = "default"
     with torch.no_grad():
         try:
             before = rotary.module(x, position, **kwargs)
@@ -281,6 +293,8 @@ def reads_buffers(rotary: Rotary) -> bool:
             after = rotary.module(x, position, **kwargs)
         finally:
             buffer.copy_(saved)
+            if kept is not None:
+                rotary.module.rope_type = kept
     pairs = zip(before if isinstance(before, tuple) else (before,), after if isinstance(after, tuple) else (after,),
                 strict=True)
     return not all(torch.equal(a, b) for a, b in pairs)
@@ -332,7 +346,7 @@ def logits_processor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
     output embedding (ModernBERT-decoder's prediction head): then ``lm_head(hidden)`` is not the input to undo.
     """
     head = model.get_output_embeddings()
-    base = model.base_model if model.base_model is not model else decoder(model)
+    base = base_model(model)
     if head is None or base is model:
         raise UnsupportedModelError(f"{type(model).__name__} has no separate output embedding to chunk the loss over")
     owner, name = _parent(model, head)

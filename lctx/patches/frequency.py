@@ -62,9 +62,16 @@ def pi(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencies:
     return _base(info) / p["factor"], 1.0
 
 
+def _exponent(d: int) -> float:
+    """NTK's base exponent d/(d−2): the lowest frequency pair scaled by exactly α."""
+    if d <= 2:
+        raise UnsupportedModelError(f"NTK-aware scaling needs a rotary dimension above 2 (this rotary has {d})")
+    return d / (d - 2)
+
+
 def ntk(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencies:
     d = info.rotary_dim
-    return default_inv_freq(info.theta * p["alpha"] ** (d / (d - 2)), d), 1.0
+    return default_inv_freq(info.theta * p["alpha"] ** _exponent(d), d), 1.0
 
 
 def ntk_mixed(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencies:
@@ -79,7 +86,7 @@ def dynamic_ntk(info: RopeInfo, p: Mapping[str, Any], length: int) -> Frequencie
     s, big_l, d = p["factor"], info.train_len, info.rotary_dim
     if length <= big_l:
         return _base(info), 1.0
-    return default_inv_freq(info.theta * ((s * length / big_l) - (s - 1)) ** (d / (d - 2)), d), 1.0
+    return default_inv_freq(info.theta * ((s * length / big_l) - (s - 1)) ** _exponent(d), d), 1.0
 
 
 def _ramp_between(info: RopeInfo, factor: float, beta_fast: float, beta_slow: float) -> torch.Tensor:
@@ -233,12 +240,15 @@ def chosen_rotaries(model: nn.Module, train_len: int, layers: str | None) -> lis
     A ``layers`` choice that would need one rotary to serve some of its layers and not others is refused.
     """
     chosen = rope_infos(model, train_len, layers)
-    if layers in ("full", "sliding"):
-        for rotary, _ in chosen:
-            if rotary.layer_type is None and {layer_kind(model, m) for m in attention_modules(model)} != {layers}:
-                raise UnsupportedModelError(
-                    f"layers={layers}: {chosen[0][1].arch}'s sliding and full-attention layers share one rotary "
-                    "embedding, so a frequency variant changes both (use layers=all or an attention-level variant)")
+    if layers in ("full", "sliding") and any(rotary.layer_type is None for rotary, _ in chosen):
+        kinds = {layer_kind(model, m) for m in attention_modules(model)}
+        arch = chosen[0][1].arch
+        if layers not in kinds:
+            raise UnsupportedModelError(f"layers={layers}: {arch} has no {layers}-attention layers")
+        if kinds != {layers}:
+            raise UnsupportedModelError(
+                f"layers={layers}: {arch}'s sliding and full-attention layers share one rotary embedding, so a "
+                "frequency variant changes both (use layers=all, or an attention-level variant)")
     for rotary, info in chosen:
         check_frequencies(info, rotary, rope_type_of(model, rotary))
     return chosen

@@ -15,7 +15,7 @@ The layout is the one candidate that maps the first read onto the second.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +83,11 @@ def _error(expected: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def _match(reads: list[tuple[torch.Tensor, torch.Tensor]], rotary_list: list[Rotary], tolerance: float,
-           layer_type: str | None) -> Layout | None | str:
+           own: Callable[[Rotary], bool]) -> Layout | None | str:
     """The layout mapping the position-0 read onto the position-P read; None for NoPE; a reason if nothing fits.
 
-    Rotaries with equal frequencies fit alike (OLMo 3's layer types share θ): the module's own layer type wins.
+    Rotaries with equal frequencies fit alike (OLMo 3's layer types share θ, Moshi has one per layer): the
+    module's own (``own``: its layer type's, or one inside it) wins.
     """
     (q0, k0), (qp, kp) = reads
     if _error(qp, q0) < tolerance and _error(kp, k0) < tolerance:
@@ -96,8 +97,7 @@ def _match(reads: list[tuple[torch.Tensor, torch.Tensor]], rotary_list: list[Rot
         angle = PROBE_POSITION * layout.rotary.original_inv_freq.detach().float().to(q0.device)
         cos, sin = angle.cos(), angle.sin()
         error = max(_error(qp, layout.rotate(q0.float(), cos, sin)), _error(kp, layout.rotate(k0.float(), cos, sin)))
-        own = layout.rotary.layer_type is not None and layout.rotary.layer_type == layer_type
-        if error < best_error or (own and error < tolerance and best.rotary.layer_type != layer_type):
+        if error < best_error or (error < tolerance and own(layout.rotary) and not own(best.rotary)):
             best, best_error = layout, min(error, best_error)
     if best is None or best_error >= tolerance:
         return (f"its queries and keys at position {PROBE_POSITION} are not those at position 0 rotated by any "
@@ -148,10 +148,18 @@ def probe(model: nn.Module) -> dict[nn.Module, Layout | None]:
     layouts: dict[nn.Module, Layout | None] = {}
     for module, pair in reads.items():
         if len(pair) != 2:
-            raise UnsupportedModelError(f"{arch}: {type(module).__name__} ran {len(pair)} times on one probe forward")
+            raise UnsupportedModelError(f"{arch}: {type(module).__name__} calls the attention function "
+                                        f"{len(pair) // 2} times per forward (e.g. differential attention), which "
+                                        "lctx's attention-level variants do not patch")
         types = getattr(config, "layer_types", None) or ()
         index = getattr(module, "layer_idx", None)
-        found = _match(pair, rotary_list, tolerance, types[index] if index is not None and index < len(types) else None)
+        layer_type = types[index] if index is not None and index < len(types) else None
+        inside = {id(m) for m in module.modules()}
+
+        def own(rotary: Rotary, layer_type=layer_type, inside=inside) -> bool:
+            return id(rotary.module) in inside or (rotary.layer_type is not None and rotary.layer_type == layer_type)
+
+        found = _match(pair, rotary_list, tolerance, own)
         if isinstance(found, str):
             raise UnsupportedModelError(f"{arch}: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
                                         f": {found}")
