@@ -55,8 +55,8 @@ def test_check_refuses_from_the_config(model_type: str, spec: str, words: str) -
 
 
 @pytest.mark.parametrize(("model_type", "spec"), [
-    ("deepseek_v32", "yarn:factor=4"), ("cohere2", "rerope:layers=sliding"), ("gemma3_text", "yarn:factor=4:layers=full"),
-    ("smollm3", "self-extend"), ("deepseek_v3", "deepseek-yarn:factor=40"), ("gpt_oss", "leaky-rerope:layers=sliding"),
+    ("deepseek_v32", "yarn:factor=4"), ("cohere2", "rerope:layers=sliding"),
+    ("gemma3_text", "yarn:factor=4:layers=full"), ("smollm3", "self-extend"), ("deepseek_v3", "deepseek-yarn:factor=40"), ("gpt_oss", "leaky-rerope:layers=sliding"),
 ])
 def test_check_accepts_what_apply_can_do(model_type: str, spec: str) -> None:
     from transformers import AutoConfig
@@ -159,8 +159,8 @@ def test_deepseek_yarn_on_a_plain_model_puts_the_temperature_on_the_softmax() ->
 # ---- the LM head ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("model_type", "settings"), [
-    ("cohere", {"logit_scale": 0.25}), ("granite", {"logits_scaling": 4.0}), ("gemma2", {"final_logit_softcapping": 0.2}),
-    ("falcon_h1", {"lm_head_multiplier": 0.5}),
+    ("cohere", {"logit_scale": 0.25}), ("granite", {"logits_scaling": 4.0}),
+    ("gemma2", {"final_logit_softcapping": 0.2}), ("falcon_h1", {"lm_head_multiplier": 0.5}),
 ])
 def test_logits_processor_reproduces_the_models_logits(model_type: str, settings: dict) -> None:
     from transformers import AutoConfig

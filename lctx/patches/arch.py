@@ -91,20 +91,21 @@ def text_config(model_or_config: Any):
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The text decoder (a multimodal model's language model), whose RoPE lctx patches: ``get_decoder()``, or
-    else the child holding the input embeddings (Llama 4's causal LM names its decoder unlike its prefix)."""
+    """The text decoder (a multimodal model's language model), whose RoPE lctx patches: ``get_decoder()`` if it
+    holds the input embeddings (ModernBERT-decoder's is its output head), else the child that does (Llama 4)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+
+    def holds_embeddings(module: nn.Module) -> bool:
+        return embeddings is None or any(m is embeddings for m in module.modules())
+
     get = getattr(model, "get_decoder", None)
     try:
         found = get() if callable(get) else None
     except (AttributeError, NotImplementedError, ValueError):
         found = None
-    if isinstance(found, nn.Module) and found is not model:
+    if isinstance(found, nn.Module) and found is not model and holds_embeddings(found):
         return found
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for child in model.children():
-        if embeddings is not None and any(m is embeddings for m in child.modules()):
-            return child
-    return model
+    return next((child for child in model.children() if embeddings is not None and holds_embeddings(child)), model)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -225,4 +225,7 @@ def query_positions(kwargs: dict, query: torch.Tensor) -> torch.Tensor:
             "this model does not pass position_ids to its attention function, which position-aware attention "
             "patches (logn, rerope, self-extend) need"
         )
+    if position_ids.dim() != 2:
+        raise UnsupportedModelError(f"this model's position ids have {position_ids.dim()} axes (multimodal RoPE); "
+                                    "position-aware attention patches (logn, rerope, self-extend) need one")
     return position_ids.expand(query.shape[0], -1)
