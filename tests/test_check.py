@@ -56,7 +56,8 @@ def test_check_refuses_from_the_config(model_type: str, spec: str, words: str) -
 
 @pytest.mark.parametrize(("model_type", "spec"), [
     ("deepseek_v32", "yarn:factor=4"), ("cohere2", "rerope:layers=sliding"),
-    ("gemma3_text", "yarn:factor=4:layers=full"), ("smollm3", "self-extend"), ("deepseek_v3", "deepseek-yarn:factor=40"), ("gpt_oss", "leaky-rerope:layers=sliding"),
+    ("gemma3_text", "yarn:factor=4:layers=full"), ("smollm3", "self-extend"),
+    ("deepseek_v3", "deepseek-yarn:factor=40"), ("gpt_oss", "leaky-rerope:layers=sliding"),
 ])
 def test_check_accepts_what_apply_can_do(model_type: str, spec: str) -> None:
     from transformers import AutoConfig

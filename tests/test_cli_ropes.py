@@ -19,7 +19,7 @@ def test_ropes_json_lists_every_registered_variant() -> None:
     assert [r["name"] for r in rows] == patches.variant_names()
     yarn = next(r for r in rows if r["name"] == "yarn")
     assert yarn["params"] == {"factor": None, "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None,
-                              "logn": False}
+                              "layers": None, "logn": False}
     assert yarn["description"].startswith("NTK-by-parts")
 
 

@@ -127,7 +127,8 @@ def test_chunked_lm_head_equals_the_models_logits(arch: str) -> None:
     ppl.check_head(model, ids)
 
 
-def test_check_head_refuses_a_model_that_rescales_its_logits() -> None:
+def test_chunked_head_reproduces_a_model_that_rescales_its_logits() -> None:
+    """Cohere multiplies its logits by logit_scale: the chunked loss applies it too (lctx.patches.arch)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("cohere", vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -135,8 +136,12 @@ def test_check_head_refuses_a_model_that_rescales_its_logits() -> None:
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, logit_scale=0.25)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(TaskError, match="CohereForCausalLM's own logits.*would be wrong"):
-        ppl.check_head(model, list(range(3, 40)))
+    ids = list(range(3, 40))
+    ppl.check_head(model, ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+    assert torch.allclose(ppl.token_nll(model, ids, chunk=7), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("rope", ["none", "pi:factor=2", "yarn:factor=2", "rerope"])

@@ -25,7 +25,8 @@ SIZES: dict[str, int] = {
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "qk_head_dim": 24, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "n_experts": 4,
-    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "top_k_experts": 2, "moe_k": 2, "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "top_k_experts": 2, "moe_k": 2,
+    "n_group": 1, "topk_group": 1,
     "n_shared_experts": 1, "num_shared_experts": 1, "zero_expert_num": 2, "first_k_dense_replace": 1,
     "num_dense_layers": 1,
     "max_position_embeddings": TRAIN_LEN, "original_max_position_embeddings": TRAIN_LEN,
@@ -39,7 +40,8 @@ SIZES: dict[str, int] = {
     "indexer_head_dim": 16, "num_expert_group": 1, "n_groups": 1, "moe_shared_expert_intermediate_size": 32,
     "shared_intermediate_size": 32, "n_heads": 4, "max_seq_len": TRAIN_LEN, "model_max_length": TRAIN_LEN,
 }
-AT_MOST = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k", "num_experts_per_token")  # a model may allow only 1
+# Experts per token: a model may allow only 1 (ZAYA), so these shrink to at most the sizes above.
+AT_MOST = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k", "num_experts_per_token")
 FILL_NONE = ("head_dim",)  # None means "hidden size / heads" for these: give the value
 KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
