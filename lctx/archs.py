@@ -447,6 +447,9 @@ def check_type(model_type: str, parts: Iterable[str] = ("frequency", "attention"
             model = build(config)
             logits(model, ids(8))
         except Exception as err:  # noqa: BLE001 - a default config transformers cannot build or run
+            if not defines_rope(model_type):
+                row.frequency = row.attention = row.head = "no-rope"
+                return row
             reason = (f"lctx cannot build a tiny {model_type} that runs from its default config "
                       f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})")
             row.frequency_reason = row.attention_reason = reason
@@ -483,6 +486,21 @@ def check_type(model_type: str, parts: Iterable[str] = ("frequency", "attention"
             row.frequency = "untested"
             row.frequency_reason = "transformers' own RoPE types fail on this model, so there is no reference"
     return row
+
+
+def defines_rope(model_type: str) -> bool:
+    """Whether the type's modeling code has a rotary embedding (an ``inv_freq``), for types lctx cannot build."""
+    import importlib
+    import inspect
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        module = importlib.import_module(getattr(__import__("transformers"),
+                                                 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]).__module__)
+        return "inv_freq" in inspect.getsource(module)
+    except Exception:  # noqa: BLE001 - a type whose code does not even import has no RoPE lctx could patch
+        return False
 
 
 def rope_rows(rows: list[Row]) -> list[Row]:

@@ -38,7 +38,7 @@ SIZES: dict[str, int] = {
     "num_kv_shared_layers": 0, "linear_head_dim": 16, "linear_num_heads": 4, "mamba_headdim": 16,
     "n_mamba_heads": 4, "mamba_num_heads": 4, "mamba_head_dim": 16, "indexer_n_heads": 2, "indexer_kv_heads": 1,
     "indexer_head_dim": 16, "num_expert_group": 1, "n_groups": 1, "moe_shared_expert_intermediate_size": 32,
-    "shared_intermediate_size": 32, "n_heads": 4, "max_seq_len": TRAIN_LEN, "model_max_length": TRAIN_LEN,
+    "shared_intermediate_size": 32, "laurel_rank": 8, "n_heads": 4, "max_seq_len": TRAIN_LEN, "model_max_length": TRAIN_LEN,
 }
 # Experts per token: a model may allow only 1 (ZAYA), so these shrink to at most the sizes above.
 AT_MOST = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k", "num_experts_per_token")
@@ -113,6 +113,8 @@ def _shrink_dict(d: dict[str, Any]) -> None:
             d[k] = min(v, SIZES[k])
         elif k in SIZES and isinstance(v, int) and not isinstance(v, bool) or k in FILL_NONE and v is None:
             d[k] = SIZES[k]
+        elif k in SIZES and isinstance(v, list) and v and all(isinstance(x, int) for x in v):
+            d[k] = [SIZES[k]] * len(v)  # one size per layer (Gemma 3n's intermediate sizes)
         elif k in KV_HEADS and original_heads:
             d[k] = _kv_heads(v if isinstance(v, int) else original_heads, original_heads)
         elif k in TOKEN_IDS and v is not None:
