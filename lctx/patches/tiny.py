@@ -38,7 +38,8 @@ SIZES: dict[str, int] = {
     "num_kv_shared_layers": 0, "linear_head_dim": 16, "linear_num_heads": 4, "mamba_headdim": 16,
     "n_mamba_heads": 4, "mamba_num_heads": 4, "mamba_head_dim": 16, "indexer_n_heads": 2, "indexer_kv_heads": 1,
     "indexer_head_dim": 16, "num_expert_group": 1, "n_groups": 1, "moe_shared_expert_intermediate_size": 32,
-    "shared_intermediate_size": 32, "laurel_rank": 8, "n_heads": 4, "max_seq_len": TRAIN_LEN, "model_max_length": TRAIN_LEN,
+    "shared_intermediate_size": 32, "laurel_rank": 8, "n_heads": 4, "max_seq_len": TRAIN_LEN,
+    "model_max_length": TRAIN_LEN,
 }
 # Experts per token: a model may allow only 1 (ZAYA), so these shrink to at most the sizes above.
 AT_MOST = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k", "num_experts_per_token")
