@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lctx import archs
+from lctx import archs, matrix
 from lctx.cli import app
 
 # The most used RoPE families (and every architecture the issue names): each must pass every check.
@@ -54,7 +54,7 @@ def test_matrix(model_type: str) -> None:
     if model_type in POPULAR:
         assert (row.frequency, row.attention, row.head) == ("pass", "pass", "pass"), row
         measured = {k: v for k, v in row.errors.items() if "no reference" not in k}
-        assert len(measured) >= 10 and all(v <= archs.TOL for v in measured.values()), measured
+        assert len(measured) >= 10 and all(v <= matrix.TOL for v in measured.values()), measured
 
 
 @pytest.mark.slow

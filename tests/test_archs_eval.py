@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lctx import archs
+from lctx import matrix
 from lctx.cli import app
 
 EAGER_ONLY = {"gpt_oss": "eager"}  # transformers has no SDPA path for gpt-oss's sinks
@@ -32,13 +32,13 @@ def docs(tmp_path_factory):
 
 def save_tiny(model_type: str, tokenizer, path) -> None:
     """The matrix's tiny model with the shared tokenizer's vocabulary and special tokens."""
-    config = archs.matrix_config(model_type)
+    config = matrix.matrix_config(model_type)
     d = config.to_dict()
     text = d["text_config"] if isinstance(d.get("text_config"), dict) else d
     text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
-    with archs.quiet():
-        model = archs.build(type(config).from_dict(d))
+    with matrix.quiet():
+        model = matrix.build(type(config).from_dict(d))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 

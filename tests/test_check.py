@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lctx import archs, patches
+from lctx import matrix, patches
 from lctx.patches import UnsupportedModelError
 from lctx.patches.arch import logits_processor
 from lctx.patches.naive import naive_logits
@@ -24,11 +24,11 @@ def one_thread():
 
 
 def tiny(model_type: str, **rope):
-    config = archs.matrix_config(model_type)
+    config = matrix.matrix_config(model_type)
     if rope:
-        config = archs._with_rope(config, lambda entry: {**entry, **rope}, dynamic=False)
-    with archs.quiet():
-        return config, archs.build(config)
+        config = matrix.with_rope(config, lambda entry: {**entry, **rope}, dynamic=False)
+    with matrix.quiet():
+        return config, matrix.build(config)
 
 
 # ---- refusal before any weights load ------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_check_accepts_what_apply_can_do(model_type: str, spec: str) -> None:
 def test_layers_picks_the_rope_of_each_layer_type() -> None:
     """Gemma 3: the default scales the full-attention type only, as transformers' per-type rope_parameters."""
     config, model = tiny("gemma3_text")
-    x = archs.ids(archs.LONG)
+    x = matrix.ids(matrix.LONG)
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": TRAIN_LEN}
     params = config.rope_parameters
     for layers, types in ((None, {"full_attention"}), ("full", {"full_attention"}), ("sliding", {"sliding_attention"}),
@@ -78,33 +78,33 @@ def test_layers_picks_the_rope_of_each_layer_type() -> None:
         d = config.to_dict()
         d["rope_parameters"] = {k: {**v, **yarn} if k in types else v for k, v in params.items()}
         d["max_position_embeddings"] = 8 * TRAIN_LEN
-        with archs.quiet():
-            reference = archs.build(type(config).from_dict(d))
+        with matrix.quiet():
+            reference = matrix.build(type(config).from_dict(d))
         reference.load_state_dict(model.state_dict())
         spec = "yarn:factor=4" + (f":layers={layers}" if layers else "")
         with patches.apply(model, spec, TRAIN_LEN):
-            got = archs.logits(model, x)
-        assert archs._max_error(got, archs.logits(reference, x)) <= TOL, spec
+            got = matrix.logits(model, x)
+        assert matrix.max_error(got, matrix.logits(reference, x)) <= TOL, spec
 
 
 @pytest.mark.parametrize("layers", ["full", "sliding", "all"])
 def test_attention_variants_on_chosen_layers_match_the_reference(layers: str) -> None:
     """gpt-oss: sliding and full layers share one rotary; the layers left alone keep plain RoPE (and sinks)."""
     _, model = tiny("gpt_oss")
-    x = archs.ids(archs.ATTENTION_LEN)
-    before = archs.logits(model, x)
+    x = matrix.ids(matrix.ATTENTION_LEN)
+    before = matrix.logits(model, x)
     resolved = patches.parse(f"rerope:window=16:layers={layers}").resolve(TRAIN_LEN)
     with patches.apply(model, resolved, TRAIN_LEN):
-        got = archs.logits(model, x)
-        prompt = archs.ids(40)
+        got = matrix.logits(model, x)
+        prompt = matrix.ids(40)
         cached = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         recomputed = prompt
         for _ in range(6):
-            recomputed = torch.cat([recomputed, archs.logits(model, recomputed)[:, -1:].argmax(-1)], dim=1)
-    assert archs._max_error(got, naive_logits(model, x, resolved.name, resolved.kwargs, TRAIN_LEN)) <= TOL
-    assert archs._max_error(got, before) > 1e-3
+            recomputed = torch.cat([recomputed, matrix.logits(model, recomputed)[:, -1:].argmax(-1)], dim=1)
+    assert matrix.max_error(got, naive_logits(model, x, resolved.name, resolved.kwargs, TRAIN_LEN)) <= TOL
+    assert matrix.max_error(got, before) > 1e-3
     assert torch.equal(cached, recomputed)
-    assert torch.equal(archs.logits(model, x), before)
+    assert torch.equal(matrix.logits(model, x), before)
 
 
 def test_layers_keeps_existing_canonical_specs() -> None:
@@ -126,15 +126,15 @@ def test_longrope_takes_the_checkpoints_factors() -> None:
     long = [2.0 + 0.5 * i for i in range(8)]
     _, model = tiny("llama", rope_type="longrope", factor=4.0, short_factor=short, long_factor=long,
                     original_max_position_embeddings=TRAIN_LEN)
-    for length in (TRAIN_LEN, archs.LONG):
-        x = archs.ids(length)
-        before = archs.logits(model, x)
+    for length in (TRAIN_LEN, matrix.LONG):
+        x = matrix.ids(length)
+        before = matrix.logits(model, x)
         with patches.apply(model, "longrope:factor=4", TRAIN_LEN):
-            got = archs.logits(model, x)
-        assert archs._max_error(got, before) <= TOL, length
+            got = matrix.logits(model, x)
+        assert matrix.max_error(got, before) <= TOL, length
         with patches.apply(model, f"longrope:factor=4:short_factor={patches.format_value(long)}:"
                                   f"long_factor={patches.format_value(long)}", TRAIN_LEN):
-            assert (length > TRAIN_LEN) == (archs._max_error(archs.logits(model, x), before) <= TOL)
+            assert (length > TRAIN_LEN) == (matrix.max_error(matrix.logits(model, x), before) <= TOL)
 
 
 def test_deepseek_yarn_on_a_plain_model_puts_the_temperature_on_the_softmax() -> None:
@@ -144,17 +144,17 @@ def test_deepseek_yarn_on_a_plain_model_puts_the_temperature_on_the_softmax() ->
     config, model = tiny("llama")
     rope = {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
             "original_max_position_embeddings": TRAIN_LEN}
-    reference_config = archs._with_rope(config, lambda entry: {**entry, **rope}, dynamic=False)
-    with archs.quiet():
-        reference = archs.build(reference_config)
+    reference_config = matrix.with_rope(config, lambda entry: {**entry, **rope}, dynamic=False)
+    with matrix.quiet():
+        reference = matrix.build(reference_config)
     reference.load_state_dict(model.state_dict())
     factor = (0.1 * 0.8 * math.log(4.0) + 1.0) ** 2
     for module in patches.arch.attention_modules(reference):
         module.scaling *= factor
-    x = archs.ids(archs.LONG)
+    x = matrix.ids(matrix.LONG)
     with patches.apply(model, "deepseek-yarn:factor=4:mscale=1:mscale_all_dim=0.8", TRAIN_LEN):
-        got = archs.logits(model, x)
-    assert archs._max_error(got, archs.logits(reference, x)) <= TOL
+        got = matrix.logits(model, x)
+    assert matrix.max_error(got, matrix.logits(reference, x)) <= TOL
 
 
 # ---- the LM head ---------------------------------------------------------------------------------------------
@@ -167,16 +167,16 @@ def test_logits_processor_reproduces_the_models_logits(model_type: str, settings
     from transformers import AutoConfig
 
     config = patches.tiny.tiny_config(AutoConfig.for_model(model_type, **settings))
-    with archs.quiet():
-        model = archs.build(config)
-    x = archs.ids(TRAIN_LEN)
+    with matrix.quiet():
+        model = matrix.build(config)
+    x = matrix.ids(TRAIN_LEN)
     with torch.no_grad():
         hidden = patches.arch.base_model(model)(input_ids=x).last_hidden_state
         raw = model.get_output_embeddings()(hidden)
         processed = logits_processor(model)(raw)
-    expected = archs.logits(model, x)
-    assert archs._max_error(processed, expected) <= TOL
-    assert archs._max_error(raw, expected) > 1e-3  # a real post-processing, reproduced
+    expected = matrix.logits(model, x)
+    assert matrix.max_error(processed, expected) <= TOL
+    assert matrix.max_error(raw, expected) > 1e-3  # a real post-processing, reproduced
     assert torch.equal(logits_processor(model)(raw[0]), processed[0])  # (rows, vocab) as the chunked loss has it
 
 
