@@ -15,6 +15,7 @@ The layout is the one candidate that maps the first read onto the second.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from lctx.patches.arch import Rotary, UnsupportedModelError, rotaries, text_conf
 from lctx.patches.seams import override_attention
 
 PROBE_POSITION = 5
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → layouts (not copied with the model)
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,8 @@ def probe(model: nn.Module) -> dict[nn.Module, Layout | None]:
 
     Raises UnsupportedModelError naming the module whose rotation matches no layout.
     """
-    cache = model.__dict__.get("_lctx_layouts")
-    if cache is not None:
-        return cache
+    if model in _PROBED:
+        return _PROBED[model]
     reads: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def hook(module, query, key, value, attention_mask, *, original, **kwargs):
@@ -164,5 +165,5 @@ def probe(model: nn.Module) -> dict[nn.Module, Layout | None]:
             raise UnsupportedModelError(f"{arch}: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
                                         f": {found}")
         layouts[module] = found
-    model.__dict__["_lctx_layouts"] = layouts
+    _PROBED[model] = layouts
     return layouts
