@@ -115,7 +115,8 @@ def check_type(model_type: str, parts: Iterable[str] = ("frequency", "attention"
 
 
 def defines_rope(model_type: str) -> bool:
-    """Whether the type's modeling code has a rotary embedding (an ``inv_freq``), for types lctx cannot build."""
+    """Whether the type's modeling code has a rotary embedding (a rotary module with an ``inv_freq``; XLNet's
+    sinusoidal relative encoding has an ``inv_freq`` too), for types lctx cannot build."""
     import importlib
     import inspect
 
@@ -124,7 +125,8 @@ def defines_rope(model_type: str) -> bool:
     try:
         module = importlib.import_module(getattr(__import__("transformers"),
                                                  MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]).__module__)
-        return "inv_freq" in inspect.getsource(module)
+        source = inspect.getsource(module)
+        return "inv_freq" in source and "rotary" in source.lower()
     except Exception:  # noqa: BLE001 - a type whose code does not even import has no RoPE lctx could patch
         return False
 
