@@ -17,11 +17,13 @@ the longest available length when no document is long enough.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CORPUS = "pydoc"
 DATASET_SPLIT = "test"
@@ -266,11 +268,41 @@ def select(corpus: Corpus, tokenizer, length: int, samples: int, *, scan_limit: 
     return Selection(length, docs, skipped, samples)
 
 
-def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> tuple[list[int], list[str]]:
-    """Documents' ids (no special tokens) joined by the ids of a blank line, until ``min_tokens`` are reached.
+@dataclass
+class Stream:
+    """Documents' ids (no special tokens) joined by the ids of a blank line until ``min_tokens`` are reached: a
+    haystack to cut windows from. The last document is kept whole, so it may run past ``min_tokens``."""
 
-    Used as a needle-in-a-haystack haystack; returns (ids, names of the documents used).
-    """
+    ids: list[int]
+    names: list[str]  # the documents used
+    tokenizer: Any = field(repr=False)
+    _texts: dict[int, str] | None = field(default=None, repr=False)
+
+    def texts(self) -> dict[int, str]:
+        """Each distinct token id decoded on its own (for sentence boundaries)."""
+        if self._texts is None:
+            self._texts = token_texts(self.tokenizer, self.ids)
+        return self._texts
+
+    def ends(self, suffixes: tuple[str, ...]) -> list[bool]:
+        """Per token: does its text (trailing spaces dropped) end with one of ``suffixes``?"""
+        texts = self.texts()
+        flags = {i: t.rstrip(" ").endswith(suffixes) for i, t in texts.items()}
+        return [flags[i] for i in self.ids]
+
+
+def token_texts(tokenizer, ids: list[int]) -> dict[int, str]:
+    """Each distinct id of ``ids`` decoded alone."""
+    return {i: tokenizer.decode([i]) for i in set(ids)}
+
+
+def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> Stream:
+    """The corpus as one :class:`Stream` of at least ``min_tokens`` (fewer when the corpus is shorter); cached on
+    the corpus per tokenizer and size."""
+    key = ("stream", id(tokenizer), min_tokens)
+    cached = corpus._cache.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
     separator = encode(tokenizer, "\n\n", special=False)
     ids: list[int] = []
     names: list[str] = []
@@ -281,4 +313,25 @@ def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> tuple[list[int],
         names.append(doc.name)
         if len(ids) >= min_tokens:
             break
-    return ids, names
+    stream = Stream(ids, names, tokenizer)
+    corpus._cache[key] = (tokenizer, stream)
+    return stream
+
+
+def corpus(ref: str = DEFAULT_CORPUS, text_field: str = "text") -> Corpus:
+    """The corpus a task's ``data`` parameter names: ``pydoc``, a path, or ``hf:NAME[:config][:split]``.
+
+    The same object for the same source (a file's size and modification time included), so every task of a
+    process shares its tokenized documents."""
+    path = Path(ref).expanduser()
+    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    return _corpus(ref, text_field, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _corpus(ref: str, text_field: str, stamp: tuple[int, int] | None) -> Corpus:
+    if ref == DEFAULT_CORPUS:
+        return pydoc_corpus()
+    if ref.startswith("hf:"):
+        return dataset_corpus(ref.removeprefix("hf:"), text_field)
+    return file_corpus(ref, text_field)

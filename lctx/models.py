@@ -122,6 +122,16 @@ def _source(ref: str) -> tuple[str, str]:
     return ref, ref
 
 
+def load_tokenizer(ref: str):
+    """The model's tokenizer alone (to check prompts before the weights load); None when it cannot be loaded
+    on its own (the check then runs once the model is loaded)."""
+    try:
+        source, _ = _source(ref)
+        return AutoTokenizer.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - best effort: a tokenizer that needs the model is checked later
+        return None
+
+
 def load_config(ref: str):
     """The model's config, with a clear message when the reference cannot be found."""
     source, _ = _source(ref)

@@ -145,7 +145,7 @@ def _toy_config():
 @pytest.mark.parametrize("chunk", [None, 256])
 def test_prefill_estimate_bounds_the_live_tensors_with_and_without_chunks(chunk: int | None) -> None:
     """A cached prefill (what generation tasks run): activations, KV cache and the chunk's mask."""
-    from lctx.evals.passkey import prefill
+    from lctx.engine import prefill
 
     model = tiny_model("llama", hidden_size=128, intermediate_size=384, num_hidden_layers=3)
     ids = torch.randint(3, 128, (1024,)).tolist()
@@ -157,9 +157,11 @@ def test_prefill_estimate_bounds_the_live_tensors_with_and_without_chunks(chunk:
 
 
 def test_over_budget_generation_cells_suggest_prefill_chunks_that_fit(tmp_path, monkeypatch) -> None:
-    from lctx import runner as lctx_runner
+    from lctx import plan
+    from lctx.execute import local
 
-    monkeypatch.setattr(lctx_runner, "HINT_CHUNK", 128)
+    monkeypatch.setattr(plan, "HINT_CHUNK", 128)
+    monkeypatch.setattr(local, "HINT_CHUNK", 128)
     whole = memory.estimate(_toy_config(), 512, profile="prefill").total
     chunked = memory.estimate(_toy_config(), 512, profile="prefill", prefill_chunk=128).total
     assert chunked < whole
@@ -177,7 +179,7 @@ def test_over_budget_generation_cells_suggest_prefill_chunks_that_fit(tmp_path, 
 
 def test_decoding_keeps_within_the_prefill_estimate() -> None:
     """Greedy decoding writes into the reserved cache: no step holds a second copy of it."""
-    from lctx.evals.passkey import greedy
+    from lctx.engine import greedy
 
     model = tiny_model("llama", hidden_size=128, intermediate_size=384, num_hidden_layers=3)
     ids = torch.randint(3, 128, (1024,)).tolist()

@@ -22,8 +22,8 @@ def test_parse_names_families_and_params() -> None:
     assert parsed.name == "synthetic:niah-multikey"
     assert parsed.params == (("keys", "4"), ("haystack", "noise"))
     assert spec.parse('niah:needle="x: \\"{value}\\""').params == (("needle", 'x: "{value}"'),)
-    for bad, words in [("a:k=1:k=2", "given twice"), ("=3", "not key=value"), ("k=3", "no name"), ("a:k=1:b", "not key=value"),
-                       ("", "empty spec"), ("a:=3", "not key=value")]:
+    for bad, words in [("a:k=1:k=2", "given twice"), ("=3", "not key=value"), ("k=3", "no name"),
+                       ("a:k=1:b", "not key=value"), ("", "empty spec"), ("a:=3", "not key=value")]:
         with pytest.raises(SpecError, match=words):
             spec.parse(bad)
 
