@@ -82,12 +82,9 @@ from lctx.patches.arch import rope_info  # noqa: E402
 
 
 def engine_greedy() -> Callable[..., list[int]]:
-    """lctx's cached greedy decoding (prefill into a reserved KV cache, then one token a step).
-
-    The one place that names its module: lctx.evals.passkey today; repoint this import to lctx.engine once the
-    helpers move there (which also drops the lm-eval import this one pulls in through lctx.evals).
-    """
-    from lctx.evals.passkey import greedy
+    """lctx's cached greedy decoding (prefill into a reserved KV cache, then one token a step): lctx.engine's,
+    which imports no task (and so neither lm-eval nor LongBench's metric libraries)."""
+    from lctx.engine import greedy
 
     return greedy
 

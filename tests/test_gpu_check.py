@@ -118,8 +118,6 @@ def test_imports_on_a_bare_machine(bare: dict) -> None:
     assert bare["hidden_imported"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="lctx.evals.passkey imports lctx.evals, whose lm-eval bridge imports lm_eval "
-                                       "at module level; fixed when the helpers move to lctx.engine (issue 16)")
 def test_generation_helper_imports_on_a_bare_machine(bare: dict) -> None:
     assert bare["engine"] == "ok"
 
