@@ -231,6 +231,11 @@ def test_cli_json_parses_and_out_writes_everything(tmp_path) -> None:
     assert "Base lower bound" in (tmp_path / "analysis.md").read_text()
 
 
+def test_cli_help_has_an_example() -> None:
+    result = runner.invoke(app, ["analyze", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "Example: lctx analyze --model" in result.output
+
+
 def test_cli_tables_on_a_config_directory(tmp_path) -> None:
     config = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=1024,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
