@@ -352,3 +352,41 @@ def lm_eval_(ctx: typer.Context) -> None:
     except ValueError as err:  # the bridge's ModelArgError, raised while lm-eval builds the model
         raise _fail(err) from None
     raise typer.Exit(code)
+
+
+@app.command("analyze")
+def analyze_(
+    model: str | None = typer.Option(None, "--model", "-m", help="model whose config to read (no weights): alias, "
+                                     f"local directory, .gguf file or hub id; default {models.DEFAULT_MODEL}"),
+    lengths: str = typer.Option("8k,32k,128k", "--lengths", "-l",
+                                help="target lengths: 4096, 4k (=4096), 1.5k; comma-separated"),
+    rope: list[str] = typer.Option(["pi,ntk,yarn,rerope"], "--rope", "-r", help="RoPE specs, comma-separated, "
+                                   f"repeatable; a factor left out is target / training length. Grammar: "
+                                   f"{patches.GRAMMAR}"),
+    theta: str | None = typer.Option(None, "--theta", help="what-if without a model: the RoPE base (with "
+                                     "--rotary-dim and --train-len)"),
+    rotary_dim: str | None = typer.Option(None, "--rotary-dim", help="what-if: the rotary dimension d"),
+    train_len: str | None = typer.Option(None, "--train-len", help="what-if: the training length; with a model, "
+                                         "overrides its own"),
+    as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON instead of tables"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write analysis.json, analysis.md and figures/ here"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="with --out: draw the figures (PNG, PDF, SVG)"),
+) -> None:
+    """RoPE arithmetic from a config alone: Men et al.'s base bound, wavelengths, what each variant does, decay.
+
+    Example: lctx analyze --model smollm2-135m --lengths 8k,32k --rope yarn,ntk:alpha=8 --out analysis/
+    """
+    from lctx import analyze
+
+    try:
+        analysis = analyze.from_options(model=model, lengths=lengths, ropes=rope, theta=theta,
+                                        rotary_dim=rotary_dim, train_len=train_len)
+        written = analyze.write(analysis, out, figures) if out is not None else []
+    except analyze.USAGE_ERRORS as err:
+        raise _fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(analysis, indent=1))
+        return
+    analyze.print_tables(analysis, console)
+    if written:
+        console.print(f"Wrote {len(written)} files to {out}/ (analysis.json, analysis.md, figures/)", highlight=False)
