@@ -80,7 +80,8 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _gguf_cache(path: Path) -> Path:
+def gguf_cache(path: Path) -> Path:
+    """Where lctx keeps the dequantized copy of a GGUF file (keyed by its path, size and modification time)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
@@ -88,7 +89,7 @@ def _gguf_cache(path: Path) -> Path:
 
 def _convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF file once into a normal HF directory (fp32 weights + tokenizer)."""
-    target = _gguf_cache(path)
+    target = gguf_cache(path)
     if (target / "config.json").is_file():
         return target
     kwargs = {"gguf_file": path.name}

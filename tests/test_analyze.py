@@ -266,3 +266,22 @@ def test_cli_errors_are_one_line_with_exit_2(args: list[str], words: list[str]) 
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
     for word in words:
         assert word in result.output, (word, result.output)
+
+
+def test_report_shows_an_analysis_found_in_the_results_directory(tmp_path) -> None:
+    """lctx analyze --out <results>/analysis, then lctx report <results>: the dashboard gains the analysis."""
+    from lctx import results, view
+
+    out = tmp_path / "results"
+    results.Store(out).append({"schema": 2, "model": "m", "rope": "none:logn=false", "task": "ppl", "length": 1024,
+                               "depth": None, "train_len": 512, "dtype": "float32", "attn": "sdpa",
+                               "config": {"samples": 1}, "status": "ok", "metrics": {"ppl": 3.0},
+                               "finished_at": "2026-01-01T00:00:00"})
+    done = CliRunner().invoke(app, ["analyze", "--theta", "10000", "--rotary-dim", "128", "--train-len", "512",
+                                    "--lengths", "1k", "--rope", "yarn", "--out", str(out / "analysis")])
+    assert done.exit_code == 0, done.output
+    written = view.report(out, tmp_path / "report", draw=False)
+    page = written.index.read_text()
+    assert 'id="analysis"' in page and "base lower bound" in page
+    assert page.count("data:image/svg+xml;base64,") == 3  # the analysis's three figures (no others drawn)
+    assert "4.3e+03" in page  # d = 128 at 1024: Men et al.'s figure

@@ -95,7 +95,7 @@ def _gguf_config(path: Path) -> Any:
     """lctx's converted copy of a GGUF when ``lctx eval`` made one, else the file's metadata: no dequantizing."""
     if not path.is_file():
         raise models.ModelLoadError(f"GGUF file {str(path)!r} not found")
-    converted = models._gguf_cache(path)
+    converted = models.gguf_cache(path)
     if (converted / "config.json").is_file():
         return AutoConfig.from_pretrained(converted)
     return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)

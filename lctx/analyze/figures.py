@@ -15,14 +15,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
-from lctx.report.plots import COLUMN_WIDTH, PAGE_WIDTH, STYLE, Plot, Style, save, variant_styles
 from lctx.spec import format_length
+from lctx.view.figures import COLUMN_WIDTH, PAGE_WIDTH, STYLE, Plot, Style, save, variant_styles
 
 MODEL = Style("#000000", "o", "-")
 
 
 def _styles(analysis: dict[str, Any]) -> dict[str, Style]:
-    return {"model": MODEL, **variant_styles(v["label"] for v in analysis["variants"])}
+    # a variant resolves to one spec per target length; its first one names its family (the style's source)
+    return {"model": MODEL, **variant_styles({v["at"][0]["resolved"]: v["label"] for v in analysis["variants"]
+                                              if v["at"]})}
 
 
 def _panels(analysis: dict[str, Any]) -> tuple[Figure, list]:

@@ -18,6 +18,7 @@ Entry points: :func:`load` (a results directory), :func:`console` (what ``lctx r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,18 @@ def markdown(records: list[dict[str, Any]], threshold: float | None = None) -> s
     return tables.to_markdown(tables.build(records), summaries.build(records, threshold))
 
 
+def analyses(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The ``lctx analyze`` outputs (``analysis.json``) under a results directory, e.g. ``lctx analyze --out
+    results/analysis``; unreadable ones are left out."""
+    found = []
+    for path in sorted(Path(directory).rglob("analysis.json")):
+        try:
+            found.append((path.parent, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+    return found
+
+
 def write(records: list[dict[str, Any]], out: str | Path, *, title: str, description: str | None = None,
           source: str = "", baseline: list[dict[str, Any]] | None = None, baseline_source: str | None = None,
           tolerance: Tolerance | str = "2%", fail_on_missing: bool = False, summary_md: str | Path | None = None,
@@ -117,8 +130,8 @@ def write(records: list[dict[str, Any]], out: str | Path, *, title: str, descrip
         written.append(_write(out / "gate.md", result.to_markdown(fail_on_missing)))
     page = dashboard.Page(title=title, description=description, records=records, tables=table_list,
                           plots=rendered, styles=figures.variant_styles(frame.variant_labels(records)), out=out,
-                          source=source, summaries=summary_list, gate=result, fail_on_missing=fail_on_missing,
-                          baseline=baseline_source)
+                          source=source, summaries=summary_list, analyses=analyses(source) if source else [],
+                          gate=result, fail_on_missing=fail_on_missing, baseline=baseline_source)
     index = _write(out / "index.html", dashboard.render(page, table_files))
     summary = _write(Path(summary_md), dashboard.summary_markdown(page)) if summary_md else None
     return Report(out=out, index=index, tables=table_list, files=[index, *written], figures=figure_files,

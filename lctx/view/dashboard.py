@@ -74,6 +74,7 @@ class Page:
     out: Path  # the report directory: links are relative to it
     source: str  # the results directory, as given
     summaries: list[Summary] = field(default_factory=list)  # category averages, effective lengths
+    analyses: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # lctx analyze outputs: (dir, json)
     gate: GateResult | None = None
     fail_on_missing: bool = False
     baseline: str | None = None
@@ -172,6 +173,25 @@ def _plain_table(header: list[str], rows: list[list[str]], variant_column: int) 
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _analysis_html(directory: Path, analysis: dict[str, Any]) -> str:
+    """An ``lctx analyze`` output: its base bounds against the model's base, and its figures (SVG inline)."""
+    source, rope = analysis.get("source", {}), analysis.get("rope", {})
+    theta = rope.get("theta")
+    rows = [[format_length(b["length"]), f"{b['base_lower_bound']:.3g}", f"{b['base_lower_bound_stable']:.3g}",
+             "–" if theta is None else ("yes" if theta >= b["base_lower_bound"] else "no")]
+            for b in analysis.get("bounds", [])]
+    parts = [f"<h3>{_e(source.get('name', directory.name))}: base {_e(theta)}, rotary dimension "
+             f"{_e(rope.get('rotary_dim'))}, training length {_e(rope.get('train_len'))}</h3>",
+             _plain_table(["length", "base lower bound", "stable from", "model's base meets it"], rows, 0)]
+    for figure in analysis.get("figures", []):
+        svg = directory / figure.get("files", {}).get("svg", "")
+        if svg.is_file():
+            data = base64.b64encode(svg.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/svg+xml;base64,{data}" alt="{_e(figure.get("title"))}" '
+                         f'style="width:860px"><figcaption>{_e(figure.get("caption"))}</figcaption></figure>')
+    return "\n".join(parts)
+
+
 def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
     """The page's HTML; ``table_files`` maps a table's slug to its files (kind -> relative path)."""
     s = stats(page.records)
@@ -183,6 +203,8 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
         nav = '<a href="#gate">gate</a>' + nav
     if page.summaries:
         nav += '<a href="#summaries">summaries</a>'
+    if page.analyses:
+        nav += '<a href="#analysis">analysis</a>'
     body = []
     if page.gate is not None:
         body.append(_gate_html(page.gate, page.fail_on_missing, page.baseline))
@@ -198,6 +220,10 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
         body.append('<section id="summaries"><h2>summaries</h2>')
         body += [f"<h3>{_e(summary.title)}</h3>" + _plain_table(summary.columns, summary.rows, 1)
                  for summary in page.summaries]
+        body.append("</section>")
+    if page.analyses:
+        body.append('<section id="analysis"><h2>analysis</h2>')
+        body += [_analysis_html(directory, analysis) for directory, analysis in page.analyses]
         body.append("</section>")
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     description = f'<p class="description">{_e(page.description.strip())}</p>' if page.description else ""
