@@ -84,7 +84,7 @@ def _parsed(parse):
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False)  # messages quote user text: no markup
+    console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, as typed
     return typer.Exit(2)
 
 
@@ -148,6 +148,7 @@ def eval_(
     max_memory: str | None = typer.Option(None, "--max-memory", help=run_help("max_memory")),
     prefill_chunk: str | None = typer.Option(None, "--prefill-chunk", help=run_help("prefill_chunk")),
     report: bool = typer.Option(True, "--report/--no-report", help=run_help("report")),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=run_help("trust_remote_code")),
 ) -> None:
     """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes (resumable), then
     writes the tables (table.md) and the report (report/index.html, figures).
@@ -170,7 +171,8 @@ def eval_(
                                          "prefill_chunk": prefill_chunk}, "lctx eval")
         run_options = options.RunOptions(models=model, ropes=rope, tasks=task, lengths=lengths,
                                          task_defaults={**defaults, **task_args}, out=out, force=force, shard=shard,
-                                         report=report, argv=["lctx", *sys.argv[1:]], **settings)
+                                         report=report, trust_remote_code=trust_remote_code,
+                                         argv=["lctx", *sys.argv[1:]], **settings)
         code = execute.run(run_options, console).code
     except (*execute.USAGE_ERRORS, ValueError) as err:
         raise _fail(err) from None
@@ -300,6 +302,8 @@ def report_(
                               summary_md=summary_md, title=title, draw=figures, threshold=threshold)
     except (view.ReportError, ValueError, OSError) as err:
         raise _fail(err) from None
+    for where, skipped in written.skipped.items():
+        console.print(f"[yellow]warning:[/] {escape(where)}: {escape(skipped.describe())}")
     console.print(f"Wrote {len(written.tables)} tables and {len(written.figures)} figure files to {written.out}/; "
                   f"dashboard: {written.index}" + (f"; summary: {written.summary}" if written.summary else ""),
                   highlight=False)

@@ -221,6 +221,9 @@ def check_head(model, ids: torch.Tensor | list[int], tokens: int = 64) -> None:
     with torch.inference_mode():
         logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float()
     plain = F.cross_entropy(logits, ids[1:].to(logits.device), reduction="none").cpu()
+    if not torch.isfinite(plain).all():
+        raise EngineError(f"{type(model).__name__}'s own logits are not finite on the first {len(ids)} tokens: "
+                          "the model diverges under this variant")
     if not torch.allclose(lean, plain, rtol=0.02, atol=0.05):
         worst = float((lean - plain).abs().max())
         raise EngineError(f"the chunked LM head differs from {type(model).__name__}'s own logits by up to "

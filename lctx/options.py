@@ -32,6 +32,8 @@ RUN_PARAMS = (
     Param("prefill_chunk", Tokens, None, "generation tasks: feed the prompt through the KV cache this many tokens "
           "at a time (e.g. 4k); results are the same", ge=1),
     Param("report", bool, True, "write the report (figures and dashboard) under the results directory at the end"),
+    Param("trust_remote_code", bool, False, "let a model run its own Python code (auto_map in its config); off, "
+          "such a model is refused with one line, never an interactive question"),
 )
 RUN_PARAM_NAMES = tuple(p.name for p in RUN_PARAMS)
 
@@ -57,6 +59,7 @@ class RunOptions:
     max_memory: int | None = None  # bytes
     prefill_chunk: int | None = None
     report: bool = True
+    trust_remote_code: bool = False
     argv: list[str] = field(default_factory=list)
 
 

@@ -63,6 +63,7 @@ class Plan:
     train_lens: dict[str, int]
     tasks: list[Task]
     all_keys: set[str]  # every cell of the command (all shards): what its report covers
+    fingerprints: dict[str, str | None]  # model -> lctx.models.fingerprint
 
     @property
     def keys(self) -> set[str]:
@@ -91,11 +92,13 @@ def plan(options: RunOptions) -> Plan:
     dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     units: list[Unit] = []
     train_lens: dict[str, int] = {}
+    fingerprints: dict[str, str | None] = {}
     for model in options.models:
-        config = models.load_config(model)
+        config = models.load_config(model, options.trust_remote_code)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         train_len = int(options.train_len) if options.train_len else training_length(text)
         train_lens[model] = train_len
+        fingerprints[model] = models.fingerprint(model)
         resolved: dict[str, tuple[RopeSpec, str]] = {}
         for spec in specs:
             full = spec.resolve(train_len, options.target_len)
@@ -103,7 +106,8 @@ def plan(options: RunOptions) -> Plan:
         for task in tasks:
             cells = task.cells(options.lengths)
             for full, typed in resolved.values():
-                base = {"model": model, "rope": full.canonical, "task": task.name, "task_spec": task.spec,
+                base = {"model": model, "model_fingerprint": fingerprints[model], "rope": full.canonical,
+                        "task": task.name, "task_spec": task.spec,
                         "config": task.identity(), "train_len": train_len, "dtype": dtype, "attn": options.attn}
                 for group in task.groups(full, cells):
                     unit = Unit(model, task, full, typed, group, train_len, base)
@@ -114,7 +118,7 @@ def plan(options: RunOptions) -> Plan:
     every = {unit.key(cell) for unit in units for cell in unit.cells}
     if options.shard is not None:
         units = shard_units(units, options.shard)
-    return Plan(units, len(every), train_lens, tasks, every)
+    return Plan(units, len(every), train_lens, tasks, every, fingerprints)
 
 
 def _estimate(config: Any, unit: Unit, options: RunOptions, dtype_bytes: int,

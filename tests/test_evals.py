@@ -95,7 +95,7 @@ def test_ppl_is_exp_of_token_weighted_mean_nll_and_skips_short_documents(tiny, t
     assert all(ids[0] == bos for _, ids in docs)  # the tokenizer adds a BOS: it is the first of the L tokens
     assert outcome.data["bos_added"] is True and outcome.data["bos_ids"] == [bos]
     assert outcome.data["documents"] == ["b.txt", "c.txt"] and outcome.data["skipped_short"] == 1
-    assert outcome.data["samples_used"] == 2 and outcome.data["id"] == str(folder)
+    assert outcome.data["samples_used"] == 2 and outcome.data["id"].startswith(f"{folder}@")
     assert outcome.notes == ["1 document(s) shorter than 160 tokens skipped"]
 
     fewer = make("ppl", data=str(folder), samples=5)
@@ -409,3 +409,20 @@ def test_reserved_cache_equals_concatenation_and_grows_past_its_reserve() -> Non
     assert cache.get_seq_length() == 16 and cache.layers[0].capacity == 20
     cache.crop(-3)
     assert cache.get_seq_length() == 13 and cache.layers[0].filled == 13
+
+
+def test_passkey_and_niah_honour_the_chat_template_and_record_it(tiny_tokenizer) -> None:
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<s>[USER] {{ m['content'] }} [/USER]{% endfor %}"
+                               "{% if add_generation_prompt %} [BOT]{% endif %}")
+    engine = Engine(None, tokenizer, 256)
+    before, after = engine.chat_wrapper()
+    for name in ("passkey", "niah"):
+        chat, plain = make(name, chat_template=True), make(name)
+        assert chat.spec != plain.spec and "chat_template=true" in chat.spec  # part of the cell's identity
+        prompt = chat.build_prompt(engine, 300, 0.5, 0)
+        assert len(prompt.ids) == 300 and prompt.ids[:len(before)] == before and prompt.ids[-len(after):] == after
+        assert tokenizer.decode(prompt.ids).count("[USER]") == 1
+        assert plain.build_prompt(engine, 300, 0.5, 0).ids[:len(before)] != before

@@ -224,10 +224,11 @@ class Runner:
     def run(self) -> RunResult:
         options = self.options
         the_plan = plan(options)
-        todo, skipped = pending(the_plan, self._done())
+        self.store.check()
+        todo, skipped = pending(the_plan, self._done(the_plan))
         checked = self._preflight(todo)  # data checked with the tokenizer alone, before anything is written
         with self.store.writing():
-            todo, skipped = pending(the_plan, self._done())  # again, now that no other writer can add records
+            todo, skipped = pending(the_plan, self._done(the_plan))  # again, now that no other writer can add records
             self.summary.planned = sum(len(u.cells) for u in the_plan.units)
             self.summary.skipped = skipped
             shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
@@ -251,16 +252,22 @@ class Runner:
             finally:
                 meta["device"] = provenance.device_info(device)
                 meta.update(status=status, finished_at=provenance.now(), cells=asdict(self.summary))
-                results.write_json(manifest_path, meta)
+                with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                    results.write_json(manifest_path, meta)
         self._finish(the_plan, manifest_path)
         code = EXIT_INTERRUPTED if self.summary.interrupted else EXIT_ERRORS if self.summary.error else EXIT_OK
         return RunResult(the_plan, self.summary, manifest_path, code)
 
-    def _done(self) -> set[str]:
-        """Keys of the cells recorded as done (none with --force)."""
+    def _done(self, the_plan: Plan) -> set[str]:
+        """Keys of the cells recorded as done (none with --force). Records written before fingerprints count as
+        the model's current files."""
         if self.options.force:
             return set()
-        return results.completed(results.newest(map(evals.upgrade, self.store.read())))
+        records = [evals.upgrade(r) for r in self.store.read()]
+        for record in records:
+            if "model_fingerprint" not in record:
+                record["model_fingerprint"] = the_plan.fingerprints.get(record.get("model"))
+        return results.completed(results.newest(records))
 
     def _memory_check(self, todo: list[Unit]) -> list[Unit]:
         """Print the largest up-front estimate; record units over --max-memory as oom (not run) and drop them."""
@@ -335,7 +342,17 @@ class Runner:
             for model in dict.fromkeys(u.model for u in todo):
                 units = [u for u in todo if u.model == model]
                 progress.update(overall, description=f"loading {model}")
-                loaded = self._load(model, units[0].train_len)
+                try:
+                    loaded = self._load(model, units[0].train_len)
+                except models.ModelLoadError as err:  # its cells are errors; the other models still run
+                    cpu = torch.device("cpu")
+                    for unit in units:
+                        for cell in unit.cells:
+                            self.record(unit, cell, status="error", meter=Meter(cpu), error=err, device=cpu)
+                    self.console.print(f"[red]✗ ERROR[/] {escape(model)}: {escape(str(err))} "
+                                       f"({sum(len(u.cells) for u in units)} cells recorded as errors)")
+                    finished += sum(len(u.cells) for u in units)
+                    continue
                 device = loaded.device
                 engine = Engine.from_loaded(loaded, units[0].train_len, prefill_chunk=self.options.prefill_chunk)
                 if model not in checked:
@@ -363,7 +380,8 @@ class Runner:
         with self.console.status(f"loading {model}…"):
             t0 = time.perf_counter()
             loaded = models.load(model, dtype=self.options.dtype, device=self.options.device,
-                                 attn=self.options.attn, train_len=train_len, device_map=self.options.device_map)
+                                 attn=self.options.attn, train_len=train_len, device_map=self.options.device_map,
+                                 trust_remote_code=self.options.trust_remote_code)
         self.console.print(f"loaded {model} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}, "
                            f"{self.options.attn}, training length {loaded.train_len}) in "
                            f"{time.perf_counter() - t0:.1f} s")

@@ -48,6 +48,7 @@ class Report:
     gate: GateResult | None = None
     fail_on_missing: bool = False
     summary: Path | None = None
+    skipped: dict[str, results.Skipped] = field(default_factory=dict)  # unreadable record lines, by directory
 
     @property
     def passed(self) -> bool:
@@ -55,8 +56,18 @@ class Report:
 
 
 def newest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest record of every cell, in today's form (records of schema 1 upgraded)."""
-    return list(results.newest(map(evals.upgrade, records)).values())
+    """The newest record of every cell, in today's form (records of schema 1 upgraded; records written before
+    model fingerprints take their model's fingerprint when the other records agree on one)."""
+    upgraded = [evals.upgrade(r) for r in records]
+    known: dict[str, set[str]] = {}
+    for record in upgraded:
+        if record.get("model_fingerprint"):
+            known.setdefault(record["model"], set()).add(record["model_fingerprint"])
+    for record in upgraded:
+        if "model_fingerprint" not in record:
+            only = known.get(record.get("model"), set())
+            record["model_fingerprint"] = next(iter(only)) if len(only) == 1 else None
+    return list(results.newest(upgraded).values())
 
 
 def load(directory: str | Path, what: str = "results directory") -> tuple[list[dict[str, Any]], results.Skipped]:
@@ -143,15 +154,28 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def writable(directory: Path, what: str) -> None:
+    """ReportError now (before any work, creating nothing) when ``directory`` could not be created or written."""
+    problem = results.unwritable(directory)
+    if problem:
+        raise ReportError(f"{what} {str(directory)!r} cannot be written: {problem}")
+
+
 def report(results_dir: str | Path, out: str | Path, *, baseline: str | Path | None = None,
            tolerance: Tolerance | str = "2%", fail_on_missing: bool = False, summary_md: str | Path | None = None,
            title: str | None = None, description: str | None = None, draw: bool = True,
            threshold: float | None = None) -> Report:
     """``lctx report``: read ``results_dir`` (and ``baseline``) and write the report under ``out``."""
     tolerance = parse_tolerance(tolerance) if isinstance(tolerance, str) else tolerance  # fail before any work
-    records, _ = load(results_dir)
-    base = load(baseline, "baseline directory")[0] if baseline is not None else None
+    records, skipped = load(results_dir)
+    base, base_skipped = load(baseline, "baseline directory") if baseline is not None else (None, None)
+    writable(Path(out), "--out")  # checked before anything is written: a gate verdict is never lost to a bad path
+    if summary_md is not None:
+        writable(Path(summary_md).parent, "--summary-md")
     name = title or Path(results_dir).resolve().name
-    return write(records, out, title=name, description=description, source=str(results_dir), baseline=base,
-                 baseline_source=None if baseline is None else str(baseline), tolerance=tolerance,
-                 fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold)
+    written = write(records, out, title=name, description=description, source=str(results_dir), baseline=base,
+                    baseline_source=None if baseline is None else str(baseline), tolerance=tolerance,
+                    fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold)
+    written.skipped = {str(where): lines for where, lines in ((results_dir, skipped), (baseline, base_skipped))
+                       if lines}
+    return written
