@@ -147,6 +147,7 @@ def eval_(
     target_len: str | None = typer.Option(None, "--target-len", help=run_help("target_len")),
     max_memory: str | None = typer.Option(None, "--max-memory", help=run_help("max_memory")),
     prefill_chunk: str | None = typer.Option(None, "--prefill-chunk", help=run_help("prefill_chunk")),
+    batch_size: str | None = typer.Option(None, "--batch-size", help=run_help("batch_size")),
     report: bool = typer.Option(True, "--report/--no-report", help=run_help("report")),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=run_help("trust_remote_code")),
 ) -> None:
@@ -168,7 +169,7 @@ def eval_(
             raise spec.SpecError(f"--task-arg {clash[0]}=… repeats --{clash[0].replace('_', '-')}; give it once")
         settings = options.run_settings({"dtype": dtype, "device": device, "attn": attn, "device_map": device_map,
                                          "train_len": train_len, "target_len": target_len, "max_memory": max_memory,
-                                         "prefill_chunk": prefill_chunk}, "lctx eval")
+                                         "prefill_chunk": prefill_chunk, "batch_size": batch_size}, "lctx eval")
         run_options = options.RunOptions(models=model, ropes=rope, tasks=task, lengths=lengths,
                                          task_defaults={**defaults, **task_args}, out=out, force=force, shard=shard,
                                          report=report, trust_remote_code=trust_remote_code,

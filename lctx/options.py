@@ -31,6 +31,8 @@ RUN_PARAMS = (
           "over this size, e.g. 3GiB"),
     Param("prefill_chunk", Tokens, None, "generation tasks: feed the prompt through the KV cache this many tokens "
           "at a time (e.g. 4k); results are the same", ge=1),
+    Param("batch_size", int, 1, "generation tasks: answer this many prompts of one length side by side (no "
+          "padding, so answers are those of batch 1 up to float rounding); the memory estimate grows with it", ge=1),
     Param("report", bool, True, "write the report (figures and dashboard) under the results directory at the end"),
     Param("trust_remote_code", bool, False, "let a model run its own Python code (auto_map in its config); off, "
           "such a model is refused with one line, never an interactive question"),
@@ -58,6 +60,7 @@ class RunOptions:
     target_len: int | None = None
     max_memory: int | None = None  # bytes
     prefill_chunk: int | None = None
+    batch_size: int = 1
     report: bool = True
     trust_remote_code: bool = False
     argv: list[str] = field(default_factory=list)

@@ -124,10 +124,11 @@ def plan(options: RunOptions) -> Plan:
 def _estimate(config: Any, unit: Unit, options: RunOptions, dtype_bytes: int,
               prefill_chunk: int | None) -> memory.Estimate | None:
     """The unit's peak memory from the config alone; None for a config lctx.memory cannot read."""
+    batch = unit.task.memory_batch() * (options.batch_size if unit.task.memory_profile == "prefill" else 1)
     try:
         return memory.estimate(config, max(c.length for c in unit.cells), dtype_bytes=dtype_bytes,
                                profile=unit.task.memory_profile, attention=options.attn,
-                               chunked=unit.spec.variant.kind == "attention", batch=unit.task.memory_batch(),
+                               chunked=unit.spec.variant.kind == "attention", batch=batch,
                                prefill_chunk=prefill_chunk)
     except (TypeError, ValueError, AttributeError):
         return None

@@ -10,7 +10,7 @@ An experiment file names the grid in the same specs as the command line::
     lengths = [128, 512, "1k"]               # as --lengths
 
     [options]                                # run settings (dtype, device, attn, device_map, train_len,
-    samples = 4                              #   target_len, max_memory, prefill_chunk, report) and task
+    samples = 4                              #   target_len, max_memory, prefill_chunk, batch_size, …) and task
     dtype = "fp32"                           #   parameters for every task that has them (samples, depths, …)
 
 Every value is checked by the parameter it sets, as on the command line; a key that is neither a run setting nor

@@ -354,7 +354,8 @@ class Runner:
                     finished += sum(len(u.cells) for u in units)
                     continue
                 device = loaded.device
-                engine = Engine.from_loaded(loaded, units[0].train_len, prefill_chunk=self.options.prefill_chunk)
+                engine = Engine.from_loaded(loaded, units[0].train_len, prefill_chunk=self.options.prefill_chunk,
+                                            batch_size=self.options.batch_size)
                 if model not in checked:
                     self._check(engine, units)
                 for unit in units:
