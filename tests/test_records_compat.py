@@ -21,7 +21,8 @@ COMMANDS = [
     ["--task", "ppl,passkey,niah", "--samples", "1", "--depths", "0,1", "--lengths", "256,512",
      "--max-new-tokens", "4"],
     ["--task", "synthetic:fwe,variable-tracking", "--samples", "1", "--lengths", "2048", "--max-new-tokens", "4"],
-    ["--task", "longbench:hotpotqa", "--data-dir", "tests/data/longbench-mini", "--lengths", "512",
+    # made with lctx's exact budget, the only one then (issue 18 made LongBench's official budget the default)
+    ["--task", "longbench:hotpotqa:budget=exact", "--data-dir", "tests/data/longbench-mini", "--lengths", "512",
      "--max-new-tokens", "4"],
 ]
 
@@ -50,7 +51,7 @@ def test_schema_1_records_load_with_todays_identity() -> None:
     assert specs["ppl"] == "ppl:samples=1:last_k=256:data=pydoc"
     assert specs["passkey"] == "passkey:samples=1:seed=0:max_new_tokens=4:chat_template=false"
     assert specs["longbench:hotpotqa"] == ("longbench:hotpotqa:data=tests/data/longbench-mini:chat_template=false:"
-                                           "max_new_tokens=4")  # samples "all" then, unset (every example) now
+                                           "max_new_tokens=4:budget=exact")  # samples "all" then, unset now
     assert specs["synthetic:frequent-words"].startswith("synthetic:frequent-words:samples=1:seed=0:")
 
 
