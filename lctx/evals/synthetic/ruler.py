@@ -245,9 +245,10 @@ def essay_words(text: str) -> list[str]:
     return re.sub(r"\s+", " ", text).split(" ")
 
 
-def essay_sentences(words: list[str], size: int) -> list[str]:
-    """The first ``size`` words (the list repeated when shorter), split into sentences (lctx's rule for punkt's)."""
-    if size > len(words):
+def essay_sentences(words: list[str], size: int, repeat: bool = True) -> list[str]:
+    """The first ``size`` words (niah.py repeats the list when it is shorter; variable_tracking.py does not),
+    split into sentences (lctx's rule for punkt's)."""
+    if repeat and size > len(words):
         words = words * ((size + len(words) - 1) // len(words))
     text = " ".join(words[:size]).strip()
     return [s for s in SENTENCE_END.split(text) if s]
@@ -354,7 +355,7 @@ def variable_tracking(cell: Cell, args: Any, samples: int, bare: str, essay: Cal
         names, chain = chains(icl)
         value = chain[0].split("=")[-1].strip()
         if args.haystack == "corpus":
-            text, _ = insert_in_sentences(cell, essay_sentences(essay(), size),
+            text, _ = insert_in_sentences(cell, essay_sentences(essay(), size, repeat=False),
                                           [s.strip() + "." for s in interleave(cell, [chain])])
         else:
             lines = [NOISE] * size
