@@ -11,7 +11,7 @@ then each sample shrinks by RULER's increment until it fits.
 
 What cannot be RULER's here: its essay haystack is Paul Graham's essays split into sentences by NLTK's punkt
 model; lctx's ``haystack=corpus`` reads its corpus (``data=``) and splits sentences after ``.``, ``!`` or ``?``
-followed by whitespace. Common words past the ~8.6k of wonderwords' lists come from RULER's
+followed by whitespace. Common words past the ~8.2k of wonderwords' lists come from RULER's
 ``english_words.json`` (a Git LFS file of its repository), read from ``data_dir`` when a length needs it.
 """
 

@@ -29,7 +29,7 @@ class CommonWords(SyntheticTask):
     description = "RULER common words: the most repeated words of a numbered word list"
     params = (*COMMON, max_new_tokens_param(120), Param("common", int, 10, "words repeated often (asked)", ge=1),
               Param("data_dir", str, None, "directory holding RULER's english_words.json, which fit=ruler needs at "
-                    "lengths past wonderwords' ~8.6k words", identity=False))
+                    "lengths past wonderwords' ~8.2k words", identity=False))
     template = "common_words_extraction"
 
     @property
