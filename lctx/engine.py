@@ -249,14 +249,19 @@ def check_head(model, ids: torch.Tensor | list[int], tokens: int = 64) -> None:
 # ---- prompt pieces -------------------------------------------------------------------------------------------
 
 
-def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
-    """Ids of the chat template before and after a single user message (with the generation prompt)."""
+def render_chat(tokenizer, message: str) -> str:
+    """The chat template's text around one user message, with the generation prompt (what
+    ``apply_chat_template`` tokenizes, without adding special tokens again)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError("chat_template: this tokenizer has no chat template (a base model?); run without "
                                 "--chat-template")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MESSAGE}], tokenize=False,
-                                             add_generation_prompt=True)
-    before, found, after = rendered.partition(_MESSAGE)
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of the chat template before and after a single user message (with the generation prompt)."""
+    before, found, after = render_chat(tokenizer, _MESSAGE).partition(_MESSAGE)
     if not found:
         raise ChatTemplateError("chat_template: the tokenizer's chat template does not show the user message "
                                 "verbatim")
@@ -321,6 +326,11 @@ class Engine:
 
     def chat_wrapper(self) -> tuple[list[int], list[int]]:
         return chat_wrapper(self.tokenizer)
+
+    def chat(self, message: str) -> list[int]:
+        """Ids of ``message`` as the one user turn of the chat template, tokenized as one text (as
+        ``apply_chat_template(tokenize=True)`` does): the wrapper is not cut apart from the message."""
+        return encode(self.tokenizer, render_chat(self.tokenizer, message), special=False)
 
     @property
     def eos_ids(self) -> frozenset[int]:
