@@ -363,11 +363,12 @@ def test_scores_come_from_what_the_model_outputs(tiny, monkeypatch):
     task = member("niah-multivalue", samples=2)
     ctx = Engine.from_loaded(tiny)
 
-    def half_right(model, ids, max_new_tokens, stop_ids, min_new_tokens=0, prefill_chunk=None):
-        prompt = next(task.build(ctx, 800, t) for t in range(2) if task.build(ctx, 800, t).ids == ids)
-        return data.encode(tiny.tokenizer, " " + ", ".join(prompt.answers[:2]).upper(), special=False)
+    def half_right(model, batch, max_new_tokens, stop_ids, min_new_tokens=0, prefill_chunk=None):
+        prompts = [next(task.build(ctx, 800, t) for t in range(2) if task.build(ctx, 800, t).ids == ids)
+                   for ids in batch]
+        return [data.encode(tiny.tokenizer, " " + ", ".join(p.answers[:2]).upper(), special=False) for p in prompts]
 
-    monkeypatch.setattr(engine, "greedy", half_right)
+    monkeypatch.setattr(engine, "greedy_batch", half_right)
     (outcome,) = task.run(ctx, patches.parse("none"), [Cell(800)], lambda cost: None).values()
     assert [t["found"] for t in outcome.samples] == [[True, True, False, False]] * 2
     assert outcome.metrics["score"] == 0.5 and outcome.metrics["accuracy"] == 0.0
