@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,12 @@ def _convert_gguf(path: Path) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash mid-save never leaves a half-written cache entry
+    try:
+        tmp.rename(target)  # atomic: a crash mid-save never leaves a half-written cache entry
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process (a torchrun rank, a Ray worker) converted it first
     return target
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from lctx import memory
 from lctx.spec import Param, SpecError, Tokens, parse_lengths
 
+EXECUTORS = ("local", "ray")
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 RUN_PARAMS = (
     Param("dtype", str, "auto", "weights and activations: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
@@ -32,6 +33,10 @@ RUN_PARAMS = (
     Param("prefill_chunk", Tokens, None, "generation tasks: feed the prompt through the KV cache this many tokens "
           "at a time (e.g. 4k); results are the same", ge=1),
     Param("report", bool, True, "write the report (figures and dashboard) under the results directory at the end"),
+    Param("executor", str, "local", "where cells are computed: local (this process) or ray (a Ray cluster's "
+          "workers; pip install 'lctx[ray]')", choices=EXECUTORS),
+    Param("ray_address", str, None, "Ray cluster to use with --executor ray (default: $RAY_ADDRESS, else a "
+          "local cluster started for the run)"),
 )
 RUN_PARAM_NAMES = tuple(p.name for p in RUN_PARAMS)
 
@@ -57,6 +62,8 @@ class RunOptions:
     max_memory: int | None = None  # bytes
     prefill_chunk: int | None = None
     report: bool = True
+    executor: str = "local"
+    ray_address: str | None = None
     argv: list[str] = field(default_factory=list)
 
 
