@@ -6,12 +6,14 @@ time, with identical records. Each run is the whole command, ``python -m lctx sw
 runs alternate, ``--repeats`` times, so that changes of load on a shared machine hit both alike:
 
 * ``serial``: ``--executor local`` (one process, torch's default threads);
+* ``serial, 1 thread``: the same with ``OMP_NUM_THREADS=1``, as each Ray worker runs (Ray gives a 1-CPU worker
+  one thread); on a loaded machine, two threads can be slower than one;
 * ``ray, cluster up``: ``--executor ray --ray-address ADDR`` on a 2-CPU cluster this script started beforehand
   (``ray.init(num_cpus=2)``, timed once on its own): two workers of one CPU (one thread) each;
-* ``ray, own cluster``: ``--executor ray --ray-address local``: the command starts (and stops) a 2-CPU local
-  cluster itself (``--num-cpus``), so its time includes Ray's start.
+* ``ray, own cluster``: ``--executor ray --ray-address local``: the command starts (and stops) a local cluster
+  itself, of every CPU of the machine, so its time includes Ray's start.
 
-Every Ray run's records are compared with the serial run's (status, metrics, samples, data). The Markdown block
+Every other run's records are compared with the serial run's (status, metrics, samples, data). The Markdown block
 replaces its own section (``<!-- begin scale -->``) of ``--out`` (default BENCHMARKS.md).
 """
 
@@ -36,9 +38,11 @@ EXPERIMENT = ROOT / "experiments" / "su-table.toml"
 TARGET = 1.3
 
 
-def sweep(experiment: Path, out: Path, *extra: str) -> float:
+def sweep(experiment: Path, out: Path, *extra: str, threads: int | None = None) -> float:
     """Wall seconds of one ``lctx sweep`` in a fresh process (this checkout's lctx)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "lctx", "sweep", str(experiment), "--out", str(out), "--report",
                str(out / "report"), *extra]
     start = time.perf_counter()
@@ -73,18 +77,21 @@ def block(command: str, started: str, minutes: float, times: dict[str, list[floa
              f"- The sweep: {cells} cells; each run is the whole `lctx sweep` command in a fresh process, runs "
              "alternating", "",
              "| run | wall time of each repeat (s) | median (s) | median / serial |", "|---|---|---|---|"]
-    for name, label in (("serial", "serial: `--executor local`, one process"),
+    for name, label in (("serial", "serial: `--executor local`, one process, torch's default threads"),
+                        ("serial1", "serial, `OMP_NUM_THREADS=1`"),
                         ("cluster", "`--executor ray`, cluster already up (2 workers × 1 CPU)"),
-                        ("own", "`--executor ray --ray-address local`: starts its own 2-CPU cluster")):
+                        ("own", "`--executor ray --ray-address local`: starts its own cluster")):
         median = statistics.median(times[name])
         lines.append(f"| {label} | {', '.join(f'{t:.1f}' for t in times[name])} | {median:.1f} | "
                      f"{median / serial:.2f}× |")
     ratio = statistics.median(times["cluster"]) / serial
+    ratio1 = statistics.median(times["cluster"]) / statistics.median(times["serial1"])
     lines += ["", f"Starting the 2-CPU cluster (`ray.init`) took {cluster_start:.1f} s, not counted in the "
               "\"cluster already up\" row.",
-              f"Records of every Ray run identical to the serial run's (status, metrics, samples, data): "
+              f"Records of every other run identical to the serial run's (status, metrics, samples, data): "
               f"{'yes' if identical else 'NO'}.",
-              f"Target (cluster up: ≤ {TARGET}× serial): {'met' if ratio <= TARGET else 'missed'} ({ratio:.2f}×).",
+              f"Target (cluster up: ≤ {TARGET}× serial): {'met' if ratio <= TARGET else 'missed'} ({ratio:.2f}×; "
+              f"{ratio1:.2f}× the 1-thread serial run).",
               "<!-- end scale -->"]
     return "\n".join(lines)
 
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started, t0 = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), time.perf_counter()
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    times: dict[str, list[float]] = {"serial": [], "cluster": [], "own": []}
+    times: dict[str, list[float]] = {"serial": [], "serial1": [], "cluster": [], "own": []}
     identical = True
     with tempfile.TemporaryDirectory(prefix="lctx-scale-") as tmp:
         for repeat in range(args.repeats):
@@ -120,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             times["serial"].append(sweep(args.experiment, out, "--executor", "local"))
             reference = values(out)
             print(f"serial: {times['serial'][-1]:.1f} s", flush=True)
+            out = Path(tmp) / f"serial1-{repeat}"
+            times["serial1"].append(sweep(args.experiment, out, "--executor", "local", threads=1))
+            identical &= values(out) == reference
+            print(f"serial, 1 thread: {times['serial1'][-1]:.1f} s", flush=True)
             out = Path(tmp) / f"own-{repeat}"
             times["own"].append(sweep(args.experiment, out, "--executor", "ray", "--ray-address", "local"))
             identical &= values(out) == reference

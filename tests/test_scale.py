@@ -177,6 +177,7 @@ def test_a_worker_killed_mid_run_leaves_every_cell_recorded_once(ray_cluster, se
     assert values(lines(out)) == serial  # every cell once, the same values
 
 
+@pytest.mark.slow
 def test_a_killed_driver_leaves_a_store_the_next_run_resumes(ray_cluster, serial, tmp_path) -> None:
     out = tmp_path / "out"
     args = [*cli_args(out), "--executor", "ray"]
@@ -309,15 +310,39 @@ def test_accelerate_launch_runs_the_same_shards(serial, tmp_path) -> None:
 # ---- Slurm ----------------------------------------------------------------------------------------------------
 
 
+SLURM_SCRIPT = ROOT / "scripts" / "slurm-array.sh"
+
+
+def toy_experiment(path: Path) -> Path:
+    path.write_text(f'name = "toy"\nmodels = ["{TOY}"]\nropes = {json.dumps(ROPES)}\ntasks = ["{TASK}"]\n'
+                    f'lengths = {json.dumps(LENGTHS)}\n\n[options]\ndevice = "cpu"\n')
+    return path
+
+
+def test_the_slurm_scripts_lctx_commands_run_as_written(serial, tmp_path) -> None:
+    """Its two lctx command lines, with Slurm's variables filled in for a 2-task array, run here in-process."""
+    shards, report = [line.split("exec lctx ", 1)[1] for line in SLURM_SCRIPT.read_text().splitlines()
+                      if "exec lctx " in line]
+    assert shards == 'sweep "$experiment" --out "$out" --shard "$index/$SLURM_ARRAY_TASK_COUNT"'
+    assert report == 'report "$out" --out "$out/report"'
+    experiment, out = toy_experiment(tmp_path / "exp.toml"), tmp_path / "out"
+    for index in (0, 1):
+        filled = shards.replace('"$experiment"', str(experiment)).replace('"$out"', str(out))
+        done = CliRunner().invoke(app, filled.replace('"$index/$SLURM_ARRAY_TASK_COUNT"', f"{index}/2").split())
+        assert done.exit_code == 0, done.output
+        assert "no report written" in done.output and f"lctx report {out}" in done.output
+    assert values(lines(out)) == serial
+    done = CliRunner().invoke(app, [*report.replace('"$out"', str(out)).split(), "--no-figures"])
+    assert done.exit_code == 0 and (out / "report" / "index.html").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("lctx") is None, reason="the lctx command is not on PATH")
 def test_the_slurm_array_script_runs_shards_then_the_report(serial, tmp_path) -> None:
-    """scripts/slurm-array.sh as two array tasks (the variables Slurm sets), then its report step."""
-    experiment = tmp_path / "exp.toml"
-    experiment.write_text(f'name = "toy"\nmodels = ["{TOY}"]\nropes = {json.dumps(ROPES)}\ntasks = ["{TASK}"]\n'
-                          f'lengths = {json.dumps(LENGTHS)}\n\n[options]\ndevice = "cpu"\n')
-    script, out = ROOT / "scripts" / "slurm-array.sh", tmp_path / "out"
-    text = script.read_text()
-    assert "--shard \"$index/$SLURM_ARRAY_TASK_COUNT\"" in text and "#SBATCH" in text
+    """scripts/slurm-array.sh itself as two array tasks (the variables Slurm sets), then its report step."""
+    experiment = toy_experiment(tmp_path / "exp.toml")
+    script, out = SLURM_SCRIPT, tmp_path / "out"
+    assert "#SBATCH" in script.read_text()
     for task_id in (1, 2):  # an array submitted as --array=1-2
         array = {"SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
         done = run_group(["bash", str(script), str(experiment), str(out)], array)

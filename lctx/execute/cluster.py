@@ -296,6 +296,8 @@ class RayRunner(Runner):
                 while any(q.units or q.workers for q in queues.values()):
                     self._staff(queues, waiting)
                     self._dispatch(queues, waiting)
+                    if not waiting:  # the last idle workers were just stopped
+                        continue
                     busy = sum(1 for w in waiting.values() if w.unit is not None)
                     workers = sum(len(q.workers) for q in queues.values())
                     progress.update(bar, description=f"ray · {busy} of {workers} workers busy")
