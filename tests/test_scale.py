@@ -228,6 +228,24 @@ def test_worker_resources_follow_the_memory_estimate() -> None:
     assert cluster.resources(1 * GiB, 80 * GiB, "auto").num_gpus == 1  # --device-map auto: a whole GPU at least
 
 
+def test_workers_run_where_the_cluster_has_devices(tmp_path) -> None:
+    """The device and dtype come from the cluster, not from the driver's machine (so the cells' keys are those of
+    a run on the workers' devices)."""
+    gpus, cpus = {"CPU": 16, "GPU": 2}, {"CPU": 16}
+    on_gpus = cluster.worker_options(run_options(tmp_path, device="auto", dtype="auto"), gpus)
+    assert (on_gpus.device, on_gpus.dtype) == ("cuda", "bfloat16")
+    on_cpus = cluster.worker_options(run_options(tmp_path, device="auto", dtype="auto"), cpus)
+    assert (on_cpus.device, on_cpus.dtype) == ("cpu", "float32")
+    assert cluster.worker_options(run_options(tmp_path, device="cpu", dtype="bf16"), gpus).device == "cpu"
+    from lctx.plan import plan
+
+    assert {u.base["dtype"] for u in plan(on_gpus).units} == {"bfloat16"}  # planned here, without CUDA
+    for device, cluster_resources, message in (("cuda:1", gpus, "Ray gives each worker its GPUs"),
+                                               ("cuda", cpus, "has no GPU"), ("mps", gpus, "use auto, cpu or cuda")):
+        with pytest.raises(execute.USAGE_ERRORS, match=message):
+            cluster.worker_options(run_options(tmp_path, device=device), cluster_resources)
+
+
 def test_a_worker_spreading_its_model_with_device_map_computes_the_same_records(serial, tmp_path,
                                                                              monkeypatch) -> None:
     """The worker as Ray runs it, here in this process, told to spread its model (as for a model larger than one

@@ -45,7 +45,7 @@ from rich.markup import escape
 from lctx import memory, provenance, results
 from lctx.execute import compute
 from lctx.execute.compute import Done
-from lctx.execute.local import Runner
+from lctx.execute.local import Runner, RunResult
 from lctx.meter import Meter
 from lctx.options import RunOptions
 from lctx.plan import PlanError, Unit, plan
@@ -112,6 +112,22 @@ def resources(estimate: int | None, gpu_memory: int | None, device_map: str | No
     if device_map:  # asked to spread the model: over one whole GPU at least
         return Resources(num_gpus=1, device_map=device_map)
     return Resources(num_gpus=1 / min(MAX_PACK, max(1, math.floor(1 / share))))
+
+
+def worker_options(options: RunOptions, cluster: dict[str, float]) -> RunOptions:
+    """The run's options with the workers' device and dtype, decided by the cluster's resources, not by this
+    machine's (a driver without a GPU plans bf16 cells on CUDA workers, as one GPU process would)."""
+    gpus = cluster.get("GPU", 0)
+    if options.device.startswith("cuda:"):
+        raise PlanError(f"--device {options.device} with --executor ray: Ray gives each worker its GPUs; use "
+                        "--device auto or cuda")
+    if options.device not in ("auto", "cpu", "cuda"):
+        raise PlanError(f"--device {options.device} with --executor ray: use auto, cpu or cuda")
+    if options.device == "cuda" and not gpus:
+        raise PlanError("--device cuda but the Ray cluster has no GPU")
+    use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
+    dtype = options.dtype if options.dtype != "auto" else "bfloat16" if use_gpu else "float32"
+    return replace(options, device="cuda" if use_gpu else "cpu", dtype=dtype)
 
 
 def gpu_memory() -> int:
@@ -223,7 +239,7 @@ class RayRunner(Runner):
         self.gpu_memory: int | None = None
         self.actor = self.ray.remote(LctxWorker)
 
-    def run(self):
+    def run(self) -> RunResult:
         ray = self.ray
         started = not ray.is_initialized()
         if started:
@@ -234,27 +250,14 @@ class RayRunner(Runner):
                 raise PlanError(f"cannot connect to the Ray cluster at {where}: {err}") from None
         try:
             self.cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-            self.options = self._cluster_options(self.options)
-            self.console.print(f"ray: {len(ray.nodes())} node(s), {self.cluster.get('CPU', 0):g} CPUs, "
+            self.options = worker_options(self.options, self.cluster)
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            self.console.print(f"ray: {nodes} node(s), {self.cluster.get('CPU', 0):g} CPUs, "
                                f"{self.cluster.get('GPU', 0):g} GPUs; cells run on {self.options.device}")
             return super().run()
         finally:
             if started:
                 ray.shutdown()
-
-    def _cluster_options(self, options: RunOptions) -> RunOptions:
-        """The device and dtype of the workers, from the cluster (not from this machine)."""
-        gpus = self.cluster.get("GPU", 0)
-        if options.device.startswith("cuda:"):
-            raise PlanError(f"--device {options.device} with --executor ray: Ray gives each worker its GPUs; use "
-                            "--device auto or cuda")
-        if options.device not in ("auto", "cpu", "cuda"):
-            raise PlanError(f"--device {options.device} with --executor ray: use auto, cpu or cuda")
-        if options.device == "cuda" and not gpus:
-            raise PlanError("--device cuda but the Ray cluster has no GPU")
-        use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
-        dtype = options.dtype if options.dtype != "auto" else "bfloat16" if use_gpu else "float32"
-        return replace(options, device="cuda" if use_gpu else "cpu", dtype=dtype)
 
     def record_device(self) -> torch.device:
         return torch.device(self.options.device)
@@ -363,7 +366,7 @@ class RayRunner(Runner):
             self.console.print(f"[yellow]ray: a worker for {escape(worker.model)} died while loading it: "
                                f"{escape(_first_line(err))}[/]")
             return
-        seen.append({k: info[k] for k in ("pid", "host", "device", "seconds", "lctx_version", "git")})
+        seen.append(dict(info))
         if (info["lctx_version"], info["git"]) != (provenance.lctx_version(), provenance.git_revision()):
             self.console.print(f"[yellow]warning:[/] the worker on {escape(info['host'])} runs lctx "
                                f"{info['lctx_version']} ({(info['git'] or {}).get('revision', '?')[:12]}), this "
