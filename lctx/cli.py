@@ -150,6 +150,8 @@ def eval_(
     batch_size: str | None = typer.Option(None, "--batch-size", help=run_help("batch_size")),
     report: bool = typer.Option(True, "--report/--no-report", help=run_help("report")),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=run_help("trust_remote_code")),
+    executor: str | None = typer.Option(None, "--executor", help=run_help("executor")),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=run_help("ray_address")),
 ) -> None:
     """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes (resumable), then
     writes the tables (table.md) and the report (report/index.html, figures).
@@ -169,7 +171,8 @@ def eval_(
             raise spec.SpecError(f"--task-arg {clash[0]}=… repeats --{clash[0].replace('_', '-')}; give it once")
         settings = options.run_settings({"dtype": dtype, "device": device, "attn": attn, "device_map": device_map,
                                          "train_len": train_len, "target_len": target_len, "max_memory": max_memory,
-                                         "prefill_chunk": prefill_chunk, "batch_size": batch_size}, "lctx eval")
+                                         "prefill_chunk": prefill_chunk, "batch_size": batch_size,
+                                         "executor": executor, "ray_address": ray_address}, "lctx eval")
         run_options = options.RunOptions(models=model, ropes=rope, tasks=task, lengths=lengths,
                                          task_defaults={**defaults, **task_args}, out=out, force=force, shard=shard,
                                          report=report, trust_remote_code=trust_remote_code,
@@ -322,6 +325,8 @@ def sweep(
     force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded"),
     shard: str | None = typer.Option(None, "--shard", callback=_parsed(options.parse_shard),
                                      help="run shard i of n (0 ≤ i < n), e.g. 0/4; shards write separate files"),
+    executor: str | None = typer.Option(None, "--executor", help=run_help("executor") + "; overrides the file's"),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=run_help("ray_address")),
 ) -> None:
     """Run an experiment file's models × variants × tasks × lengths (resumable), then write its report.
 
@@ -330,8 +335,9 @@ def sweep(
     from lctx import sweep as sweeps
 
     try:
+        settings = options.run_settings({"executor": executor, "ray_address": ray_address}, "lctx sweep")
         code = sweeps.run(experiment, out=out, report_out=report_out, force=force, shard=shard, console=console,
-                          argv=["lctx", *sys.argv[1:]])
+                          argv=["lctx", *sys.argv[1:]], settings=settings)
     except (sweeps.ExperimentError, *execute.USAGE_ERRORS) as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

@@ -72,7 +72,9 @@ class Plan:
 
 
 def dtype_name(options: RunOptions) -> str:
-    return str(models.resolve_dtype(options.dtype, models.resolve_device(options.device))).removeprefix("torch.")
+    """The dtype cells run in; only ``auto`` depends on the device (a Ray driver plans for devices it has not)."""
+    device = models.resolve_device(options.device) if options.dtype == "auto" else torch.device("cpu")
+    return str(models.resolve_dtype(options.dtype, device)).removeprefix("torch.")
 
 
 def spec_text(spec: RopeSpec) -> str:
