@@ -138,7 +138,12 @@ def _convert_gguf(path: Path) -> Path:
                 del model.config.quantization_config
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)  # atomic: a crash mid-save never leaves a half-written cache entry
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+                # converted meanwhile by a process the lock does not reach (another node over NFS)
         except OSError as err:
             raise ModelLoadError(f"cannot write the converted copy of {str(path)!r} under {cache_dir()}: "
                                  f"{err.strerror or err}; free space there or set LCTX_CACHE") from None

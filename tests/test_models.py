@@ -128,4 +128,5 @@ def test_two_processes_converting_one_gguf_file_both_get_the_cache(tmp_path, mon
     monkeypatch.setattr(models, "AutoTokenizer", transformers.AutoTokenizer)
     assert models._convert_gguf(gguf) == target
     assert (target / "config.json").read_text() == '{"first": true}'
-    assert [p.name for p in target.parent.iterdir()] == [target.name]  # the second copy removed
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert left == [target.name, target.name + ".lock"]  # the second copy removed (the lock file stays)

@@ -255,7 +255,7 @@ def test_a_worker_spreading_its_model_with_device_map_computes_the_same_records(
     real, calls = models.load, []
     monkeypatch.setattr(models, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
     worker = cluster.LctxWorker(run_options(tmp_path, executor="ray"), os.getcwd(), "auto")
-    keys = [k for k in serial if json.loads(k)[1].startswith("none")]
+    keys = [k for k in serial if json.loads(k)[results.KEY_FIELDS.index("rope")].startswith("none")]
     pid, events = worker.compute(TOY, 128, keys, "run", check=True)
     assert pid == os.getpid() and [c["device_map"] for c in calls] == ["auto"]
     worker.compute(TOY, 128, keys[:1], "run", check=False)
