@@ -17,7 +17,7 @@ One command, one machine, one run: SmolLM2-135M (fp32, CPU, SDPA) on the first L
   each timed, the cache cropped back to C after each so every step sees exactly C cached tokens.
 * ``sweep`` – lctx's perplexity task over lengths 1k…8k (static variants: one forward at the longest length,
   chunked LM head) against one plain forward with full logits at the longest length, same variant.
-* ``long`` – not in the default run: perplexity cells at 8k/16k/32k through ``lctx.runner.run``, one runner
+* ``long`` – not in the default run: perplexity cells at 8k/16k/32k through ``lctx.execute.run``, one runner
   call per length so every record is one forward; its seconds and peak memory are tabulated from the records.
 
 ``--quick`` uses short lengths to check the script (written to results/BENCHMARKS.quick.md, never BENCHMARKS.md);
@@ -51,7 +51,9 @@ from typing import Any, NamedTuple
 import torch
 
 from benchmarks import naive_rerope
-from lctx import data, evals, memory, models, patches, results, runner
+from lctx import data, engine, evals, execute, memory, meter, models, patches, provenance, results, view
+from lctx.options import RunOptions
+from lctx.spec import format_length, parse_lengths
 
 MODEL = models.DEFAULT_MODEL
 BASELINE = "none"
@@ -155,7 +157,7 @@ def patched(loaded: models.Loaded, spec: str) -> Iterator[None]:
 
 def prefill(loaded: models.Loaded, ids: torch.Tensor) -> None:
     """One forward of the base model over ``ids`` (no cache, no LM head), as lctx's ppl runs it."""
-    evals.ppl.hidden_states(loaded.model, ids)
+    engine.hidden_states(loaded.model, ids)
 
 
 class Timing(NamedTuple):
@@ -200,7 +202,7 @@ def _max_rss() -> int:
 def peak_rss(interval: float = 0.001) -> Iterator[dict[str, int]]:
     """Sample RSS while the block runs; yields a dict filled on exit with before/peak bytes."""
     rss = _rss()
-    runner._free_memory(None)  # collect garbage and malloc_trim, so the block starts from what is live
+    meter.free_memory(None)  # collect garbage and malloc_trim, so the block starts from what is live
     out = {"before": rss(), "max_rss_before": _max_rss()}
     peak = [out["before"]]
     stop = threading.Event()
@@ -321,9 +323,9 @@ def prefill_section(loaded: models.Loaded, settings: Settings) -> Section:
                 log(f"prefill: round {rep + 1}/{settings.reps} at {length} done")
     header = ["variant", "family"]
     for length in settings.prefill_lengths:
-        name = results.format_length(length)
+        name = format_length(length)
         header += [f"{name} min (median)", f"{name} ratio", f"{name} CPU-time ratio"]
-    header.append(f"target at {results.format_length(settings.prefill_target)}")
+    header.append(f"target at {format_length(settings.prefill_target)}")
     rows = []
     for spec in [*specs, NAIVE]:
         kind = family(spec)
@@ -347,7 +349,7 @@ def prefill_section(loaded: models.Loaded, settings: Settings) -> Section:
         "per cell after a warm-up, variants interleaved; min (median) wall time, ratio of minima to `none` "
         "(targets are read on it); the CPU-time ratio (process CPU seconds, all threads) is the cross-check "
         "that other jobs on the machine disturb less. "
-        f"`{NAIVE}` (two full score matrices) is timed at {results.format_length(settings.naive_time_length)} "
+        f"`{NAIVE}` (two full score matrices) is timed at {format_length(settings.naive_time_length)} "
         "here; at longer lengths see the memory table (one run each).",
         "", *table(header, rows)]
     return section
@@ -393,14 +395,14 @@ def rotary_section(loaded: models.Loaded, settings: Settings) -> Section:
                      "" if spec == BASELINE else section.check(f"{spec} rotary bound at {length}", bound,
                                                                TARGETS["frequency prefill"], not settings.quick)])
     section.lines += [
-        f"The model's rotary module called alone on {results.format_length(length)} positions ({calls} calls, "
+        f"The model's rotary module called alone on {format_length(length)} positions ({calls} calls, "
         "median) under each variant, and the unpatched forward of the prefill table (min of "
         f"{settings.reps}: {secs(forward)}). Static variants only replace the module's `inv_freq` buffer, so the "
         "rest of the forward is the same operations on the same tensors; *forward ratio bound* = 1 + (variant's "
         "rotary time + its logn query scaling, if any − unpatched rotary time) / forward time. Dynamic variants "
         "recompute their frequencies inside this call, so it includes them.",
         "", *table(["variant", "rotary module, median", "logn query scaling (all layers)", "forward ratio bound",
-                    f"target at {results.format_length(length)}"], rows)]
+                    f"target at {format_length(length)}"], rows)]
     return section
 
 
@@ -422,15 +424,15 @@ def memory_section(settings: Settings) -> Section:
             estimate = m["growth"] * (length / n) ** 2
             available = memory.available_memory(torch.device("cpu"))
             if available is not None and estimate > 0.8 * available:
-                estimates[length] = (f"not run: ≈ {size(estimate)} estimated ({results.format_length(n)} growth × "
+                estimates[length] = (f"not run: ≈ {size(estimate)} estimated ({format_length(n)} growth × "
                                      f"{(length / n) ** 2:g}, quadratic) > 80% of the {size(available)} available")
                 continue
         measured[(NAIVE, length)] = run_child(NAIVE, length)
     header = ["variant", "family"]
     for length in lengths:
-        name = results.format_length(length)
+        name = format_length(length)
         header += [f"{name} growth (abs. peak)", f"{name} ratio", f"{name} time (1 run)"]
-    header.append(f"target at {results.format_length(settings.memory_target)}")
+    header.append(f"target at {format_length(settings.memory_target)}")
     rows = []
     for spec in [BASELINE, *FREQUENCY, *ATTENTION, NAIVE]:
         kind = family(spec)
@@ -517,7 +519,7 @@ def decode_section(loaded: models.Loaded, settings: Settings) -> Section:
         f"{context} tokens after each step, so every step attends over exactly {context} cached tokens. "
         "The prefill column is the single cache-building forward (logits of the last position only).",
         "", *table(["variant", "per token, min", "median", "ratio (min)", "CPU-time ratio",
-                    f"prefill {context} (1 run)", f"target at {results.format_length(context)}"], rows)]
+                    f"prefill {context} (1 run)", f"target at {format_length(context)}"], rows)]
     return section
 
 
@@ -527,9 +529,8 @@ def sweep_section(loaded: models.Loaded, settings: Settings) -> Section:
     lengths = list(settings.sweep_lengths)
     longest = max(lengths)
     ids = tokens(loaded, longest)[None]
-    task = evals.get("ppl")
-    options = evals.EvalOptions(models=[MODEL], ropes=list(settings.sweep_variants), tasks=["ppl"], lengths=lengths)
-    ctx = evals.Context(loaded=loaded, train_len=loaded.train_len, options=options, corpus=corpus())
+    (task,) = evals.resolve("ppl")
+    ctx = engine.Engine.from_loaded(loaded)
     cells = [evals.Cell(n) for n in lengths]
     forward_s: dict[str, list[Timing]] = {}
     sweep_s: dict[str, list[Timing]] = {}
@@ -542,7 +543,7 @@ def sweep_section(loaded: models.Loaded, settings: Settings) -> Section:
             resolved = patches.parse(spec).resolve(loaded.train_len)
             with patched(loaded, spec), torch.inference_mode():
                 forward_s.setdefault(spec, []).append(timed(model, input_ids=ids, use_cache=False))
-            groups = task.groups(resolved, cells, options)
+            groups = task.groups(resolved, cells)
             groups_n[spec] = len(groups)
 
             def sweep(groups=groups, resolved=resolved) -> None:
@@ -561,21 +562,21 @@ def sweep_section(loaded: models.Loaded, settings: Settings) -> Section:
         rows.append([f"`{spec}`", secs(one.wall), secs(many.wall), fmt_ratio(value),
                      fmt_ratio(ratio(many.cpu, one.cpu)), str(groups_n[spec]), f"{ppl[(canonical, longest)]:.3f}",
                      section.check(f"{spec} sweep", value, TARGETS["sweep"], static and not settings.quick)])
-    names = ",".join(results.format_length(n) for n in lengths)
+    names = ",".join(format_length(n) for n in lengths)
     section.lines += [
-        f"*One forward*: `model(ids).logits` over the first {results.format_length(longest)} tokens (logits for "
-        f"every position, what a plain perplexity at {results.format_length(longest)} needs). *Sweep*: lctx's "
+        f"*One forward*: `model(ids).logits` over the first {format_length(longest)} tokens (logits for "
+        f"every position, what a plain perplexity at {format_length(longest)} needs). *Sweep*: lctx's "
         f"`ppl` task (`lctx.evals.ppl`) computing all of {names} for the variant, as `lctx eval` groups them "
         f"(*forwards* = units of work; 1 = every length from one forward). Min of {settings.sweep_reps} "
         "run(s) each, after a warm-up that tokenizes the corpus.",
-        "", *table(["variant", f"one {results.format_length(longest)} forward", "sweep", "ratio", "CPU-time ratio",
+        "", *table(["variant", f"one {format_length(longest)} forward", "sweep", "ratio", "CPU-time ratio",
                     "forwards",
-                    f"ppl at {results.format_length(longest)}", "target (static variants)"], rows)]
+                    f"ppl at {format_length(longest)}", "target (static variants)"], rows)]
     return section
 
 
 def long_section(settings: Settings, out: Path, force: bool) -> Section:
-    """Issue 8's cells through ``lctx.runner``, one runner call per length, resumable from ``out``'s records."""
+    """Issue 8's cells through ``lctx.execute``, one runner call per length, resumable from ``out``'s records."""
     section = Section("long", "Long contexts: perplexity and passkey to 4× the training length")
     from rich.console import Console
 
@@ -583,11 +584,11 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
     train_len = loaded_train_len()
     variants = list(settings.long_variants)
     with tempfile.TemporaryDirectory() as scratch:  # first forwards of a process allocate more: not in the table
-        runner.run(evals.EvalOptions(models=[MODEL], ropes=variants, tasks=["ppl"], lengths=[128],
-                                     out=Path(scratch), dtype="float32", device="cpu"), console)
-    cell_options = evals.EvalOptions(models=[MODEL], ropes=variants, tasks=[], lengths=[], samples=1, depths=[0.5],
-                                     out=out, force=force, dtype="float32", device="cpu",
-                                     argv=["python", "-m", "benchmarks.run", "--only", "long"])
+        execute.run(RunOptions(models=[MODEL], ropes=variants, tasks=["ppl"], lengths=[128], out=Path(scratch),
+                               dtype="float32", device="cpu", report=False), console)
+    cell_options = RunOptions(models=[MODEL], ropes=variants, tasks=[], lengths=[],
+                              task_defaults={"samples": 1, "depths": [0.5]}, out=out, force=force, dtype="float32",
+                              device="cpu", report=False, argv=["python", "-m", "benchmarks.run", "--only", "long"])
     codes = {}
     for length in settings.long_lengths:
         tasks = [t for t in (["ppl", "passkey"] if length in settings.long_passkey_lengths else ["ppl"])
@@ -596,17 +597,17 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
             continue
         log(f"long: lctx eval --task {','.join(tasks)} --lengths {length} --rope {','.join(variants)} "
             f"--samples 1 --depths 0.5")
-        codes[length] = runner.run(replace(cell_options, tasks=tasks, lengths=[length]), console)
+        codes[length] = execute.run(replace(cell_options, tasks=tasks, lengths=[length]), console).code
     chunk_out = out / f"prefill-chunk-{settings.long_chunk}"  # same cell keys (results are equal): own folder
     chunk_variants = [spec for spec in (BASELINE, "rerope") if spec in variants]
     chunk_lengths = [n for n in settings.long_chunk_lengths if n in settings.long_lengths]
     for length in chunk_lengths if chunk_variants and "passkey" in settings.long_tasks else []:
         log(f"long: lctx eval --task passkey --lengths {length} --rope {','.join(chunk_variants)} --samples 1 "
             f"--depths 0.5 --prefill-chunk {settings.long_chunk}")
-        runner.run(replace(cell_options, ropes=chunk_variants, tasks=["passkey"], lengths=[length], out=chunk_out,
-                           prefill_chunk=settings.long_chunk), console)
+        execute.run(replace(cell_options, ropes=chunk_variants, tasks=["passkey"], lengths=[length], out=chunk_out,
+                            prefill_chunk=settings.long_chunk), console)
     store = results.Store(out)
-    latest = {(r["task"], r["rope"], r["length"]): r for r in store.records() if r.get("model") == MODEL}
+    latest = {(r["task"], r["rope"], r["length"]): r for r in view.newest(store.read()) if r.get("model") == MODEL}
     revisions = _revisions(out)
     longest = max(settings.long_lengths)
     rows = []
@@ -619,7 +620,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                 resolved = patches.parse(spec).resolve(train_len)
                 record = latest.get((task, resolved.canonical, length))
                 if record is None:
-                    rows.append([f"`{spec}`", task, results.format_length(length),
+                    rows.append([f"`{spec}`", task, format_length(length),
                                  f"missing (exit {codes.get(length, '–')})", *["–"] * 8])
                     continue
                 metrics = record.get("metrics") or {}
@@ -630,17 +631,18 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                 judged = task == "ppl" and length == longest and not settings.quick
                 attention = resolved.variant.kind == "attention"
                 memory_target = TARGETS["long memory attention" if attention else "long memory frequency"]
-                verdicts = [section.check(f"{spec} {task} process peak at {results.format_length(length)}",
+                verdicts = [section.check(f"{spec} {task} process peak at {format_length(length)}",
                                           None if peak is None else peak / GiB, memory_target, judged, "GiB")]
                 if spec != BASELINE and not attention:
-                    verdicts.append(section.check(f"{spec} {task} time at {results.format_length(length)}",
+                    verdicts.append(section.check(f"{spec} {task} time at {format_length(length)}",
                                                   time_ratio, TARGETS["long time"], judged))
-                rows.append([f"`{spec}`", task, results.format_length(length), record.get("status", "–"),
+                rows.append([f"`{spec}`", task, format_length(length), record.get("status", "–"),
                              secs(record.get("seconds")), fmt_ratio(time_ratio) if spec != BASELINE else "",
                              size(record.get("peak_memory_bytes")), size(peak),
                              size(record.get("memory_estimate_bytes")), value, revisions.get(record["run_id"], "?"),
                              "; ".join(verdicts) if judged else ""])
-    chunked = {(r["rope"], r["length"]): r for r in results.Store(chunk_out).records() if r.get("model") == MODEL}
+    chunked = {(r["rope"], r["length"]): r for r in view.newest(results.Store(chunk_out).read())
+               if r.get("model") == MODEL}
     chunk_revisions = _revisions(chunk_out)
     chunk_rows = []
     for length in chunk_lengths:
@@ -648,7 +650,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
             canonical = patches.parse(spec).resolve(train_len).canonical
             one, many = latest.get(("passkey", canonical, length), {}), chunked.get((canonical, length), {})
             metrics = many.get("metrics") or {}
-            chunk_rows.append([f"`{spec}`", results.format_length(length), many.get("status", "missing"),
+            chunk_rows.append([f"`{spec}`", format_length(length), many.get("status", "missing"),
                                secs(many.get("seconds")), fmt_ratio(ratio(many.get("seconds"), one.get("seconds"))),
                                size(many.get("process_peak_bytes")), size(one.get("process_peak_bytes")),
                                size(many.get("memory_estimate_bytes")),
@@ -657,10 +659,10 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
                                "same" if many.get("samples") and one.get("samples") and
                                [t["output"] for t in many["samples"]] == [t["output"] for t in one["samples"]]
                                else "–"])
-    lengths = ",".join(results.format_length(n) for n in settings.long_lengths)
-    passkey = ",".join(results.format_length(n) for n in settings.long_passkey_lengths)
+    lengths = ",".join(format_length(n) for n in settings.long_lengths)
+    passkey = ",".join(format_length(n) for n in settings.long_passkey_lengths)
     section.lines += [
-        f"`lctx.runner.run`, i.e. `lctx eval --rope {','.join(variants)} --samples 1 --depths 0.5 --out {out}` "
+        f"`lctx.execute.run`, i.e. `lctx eval --rope {','.join(variants)} --samples 1 --depths 0.5 --out {out}` "
         f"called once per length ({lengths}) with `--task ppl` (plus `passkey` at {passkey}), so every cell is "
         "one forward of its own (no forward shared across lengths); a warm-up call at 128 tokens first (a "
         "process's first forwards allocate more). The calls resume from the records in the output folder "
@@ -675,7 +677,7 @@ def long_section(settings: Settings, out: Path, force: bool) -> Section:
         "ppl is over the whole window (PPL of all L − 1 predictions); passkey holds its KV cache (keys and "
         "values of all 30 layers: 1.41 GiB in fp32 at 32k) on top of what ppl needs.",
         "", *table(["variant", "task", "length", "status", "seconds", "time ratio", "growth", "process peak",
-                    "estimate", "result", "lctx", f"targets at {results.format_length(longest)}"], rows)]
+                    "estimate", "result", "lctx", f"targets at {format_length(longest)}"], rows)]
     if chunk_rows:
         section.lines += [
             "", f"Passkey again with `--prefill-chunk {settings.long_chunk}` (the prompt fed through the KV cache "
@@ -708,15 +710,15 @@ def loaded_train_len() -> int:
 
 
 def machine() -> list[str]:
-    info = runner.device_info(None)
-    versions = runner.package_versions()
+    info = provenance.device_info(None)
+    versions = provenance.package_versions()
     try:
         import psutil
 
         ram = size(psutil.virtual_memory().total)
     except ImportError:
         ram = size(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    git = runner.git_revision() or {}
+    git = provenance.git_revision() or {}
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     return [
         f"- CPU: {info['name']}, {info['cpu_count']} logical cores, torch threads {torch.get_num_threads()}; "
@@ -799,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = QUICK if args.quick else FULL
     if args.long_lengths:
-        settings = replace(settings, long_lengths=tuple(runner.parse_lengths(args.long_lengths)))
+        settings = replace(settings, long_lengths=tuple(parse_lengths(args.long_lengths)))
     if args.long_variants:
         patches.parse_list(args.long_variants)  # a bad spec fails here, with the grammar
         settings = replace(settings, long_variants=tuple(v.strip() for v in args.long_variants.split(",")))

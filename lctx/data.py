@@ -17,11 +17,16 @@ the longest available length when no document is long enough.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CORPUS = "pydoc"
 DATASET_SPLIT = "test"
@@ -123,6 +128,32 @@ def pydoc_corpus() -> Corpus:
     return Corpus(DEFAULT_CORPUS, documents, describe)
 
 
+def content_fingerprint(files: list[Path]) -> str:
+    """A hash of the files' bytes (names, sizes and content), cached under lctx's cache directory by path, size and
+    modification time, so a large corpus is read once, not at every run."""
+    cache = Path(os.environ.get("LCTX_CACHE", Path.home() / ".cache" / "lctx")) / "fingerprints.json"
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    stamp = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    if stamp in known:
+        return known[stamp]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{file.stat().st_size}:".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+    value = digest.hexdigest()[:12]
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs a re-hash next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**known, stamp: value}), encoding="utf-8")
+        tmp.replace(cache)
+    return value
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -144,15 +175,20 @@ def file_corpus(path: str | Path, text_field: str = "text") -> Corpus:
             for file in files:
                 yield Document(file.name, _read_text(file))
 
-        return Corpus(str(path), documents,
+        return Corpus(f"{path}@{content_fingerprint(files)}", documents,
                       lambda s: f"{path}: directory of {len(files)} .txt files, one document each, sorted by name")
     if path.suffix == ".txt":
-        return Corpus(str(path), lambda s: iter([Document(path.name, _read_text(path))]),
+        return Corpus(f"{path}@{content_fingerprint([path])}", lambda s: iter([Document(path.name, _read_text(path))]),
                       lambda s: f"{path}: one .txt document")
     if path.suffix == ".jsonl":
         def documents(samples: int) -> Iterator[Document]:
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, 1):
+            with path.open("rb") as lines:
+                for number, raw in enumerate(lines, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise DataError(f"{path}:{number} is not UTF-8 text; convert the file (e.g. iconv -t utf-8)") \
+                            from None
                     if not line.strip():
                         continue
                     try:
@@ -165,7 +201,7 @@ def file_corpus(path: str | Path, text_field: str = "text") -> Corpus:
                                         "choose the field with --text-field")
                     yield Document(f"{path.name}:{number}", row[text_field])
 
-        return Corpus(f"{path}#{text_field}", documents,
+        return Corpus(f"{path}#{text_field}@{content_fingerprint([path])}", documents,
                       lambda s: f"{path}: one document per line, field {text_field!r}")
     raise DataError(f"--data {str(path)!r}: expected a .txt file, a directory of .txt files or a .jsonl file")
 
@@ -266,11 +302,41 @@ def select(corpus: Corpus, tokenizer, length: int, samples: int, *, scan_limit: 
     return Selection(length, docs, skipped, samples)
 
 
-def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> tuple[list[int], list[str]]:
-    """Documents' ids (no special tokens) joined by the ids of a blank line, until ``min_tokens`` are reached.
+@dataclass
+class Stream:
+    """Documents' ids (no special tokens) joined by the ids of a blank line until ``min_tokens`` are reached: a
+    haystack to cut windows from. The last document is kept whole, so it may run past ``min_tokens``."""
 
-    Used as a needle-in-a-haystack haystack; returns (ids, names of the documents used).
-    """
+    ids: list[int]
+    names: list[str]  # the documents used
+    tokenizer: Any = field(repr=False)
+    _texts: dict[int, str] | None = field(default=None, repr=False)
+
+    def texts(self) -> dict[int, str]:
+        """Each distinct token id decoded on its own (for sentence boundaries)."""
+        if self._texts is None:
+            self._texts = token_texts(self.tokenizer, self.ids)
+        return self._texts
+
+    def ends(self, suffixes: tuple[str, ...]) -> list[bool]:
+        """Per token: does its text (trailing spaces dropped) end with one of ``suffixes``?"""
+        texts = self.texts()
+        flags = {i: t.rstrip(" ").endswith(suffixes) for i, t in texts.items()}
+        return [flags[i] for i in self.ids]
+
+
+def token_texts(tokenizer, ids: list[int]) -> dict[int, str]:
+    """Each distinct id of ``ids`` decoded alone."""
+    return {i: tokenizer.decode([i]) for i in set(ids)}
+
+
+def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> Stream:
+    """The corpus as one :class:`Stream` of at least ``min_tokens`` (fewer when the corpus is shorter); cached on
+    the corpus per tokenizer and size."""
+    key = ("stream", id(tokenizer), min_tokens)
+    cached = corpus._cache.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
     separator = encode(tokenizer, "\n\n", special=False)
     ids: list[int] = []
     names: list[str] = []
@@ -281,4 +347,25 @@ def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> tuple[list[int],
         names.append(doc.name)
         if len(ids) >= min_tokens:
             break
-    return ids, names
+    stream = Stream(ids, names, tokenizer)
+    corpus._cache[key] = (tokenizer, stream)
+    return stream
+
+
+def corpus(ref: str = DEFAULT_CORPUS, text_field: str = "text") -> Corpus:
+    """The corpus a task's ``data`` parameter names: ``pydoc``, a path, or ``hf:NAME[:config][:split]``.
+
+    The same object for the same source (a file's size and modification time included), so every task of a
+    process shares its tokenized documents."""
+    path = Path(ref).expanduser()
+    stamp = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    return _corpus(ref, text_field, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _corpus(ref: str, text_field: str, stamp: tuple[int, int] | None) -> Corpus:
+    if ref == DEFAULT_CORPUS:
+        return pydoc_corpus()
+    if ref.startswith("hf:"):
+        return dataset_corpus(ref.removeprefix("hf:"), text_field)
+    return file_corpus(ref, text_field)

@@ -11,8 +11,8 @@ What is counted, for one sequence of L tokens at b bytes per element (inference 
   plus either the MLP's gate, up and product (3·L·I) and its output (L·d), or attention's q, k, v, their
   rotated copies and output — whichever is larger. Layers run one after another, so one layer's worth;
 - KV cache (generation tasks): keys and values of every layer, 2·layers·L·kv_dim·b, reserved once for the
-  prompt and the answer (``lctx.evals.passkey.reserved_cache``: decoding steps write into it, never copy it);
-- logits: fp32, for the positions kept (``loss``: chunks of ``lctx.evals.ppl.CHUNK`` rows, with
+  prompt and the answer (``lctx.engine.reserved_cache``: decoding steps write into it, never copy it);
+- logits: fp32, for the positions kept (``loss``: chunks of ``lctx.engine.CHUNK`` rows, with
   log-softmax, ×2; ``prefill``: the last position; ``logits``: every position, ×2);
 - attention scores: ``eager`` holds heads·L² fp32 scores and their softmax; SDPA's fused kernels and the
   ReRoPE family's chunked path hold at most a chunk of rows against all keys (its band mask).
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lctx.evals.ppl import CHUNK as LOSS_CHUNK
+from lctx.engine import CHUNK as LOSS_CHUNK
 from lctx.patches.rerope import CHUNK_SIZE as ATTENTION_CHUNK
 
 GiB = 2**30

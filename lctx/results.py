@@ -1,57 +1,58 @@
-"""The results store: one JSON line per cell, appended and flushed as soon as the cell is computed.
+"""The results store: one JSON line per cell, appended and synced as soon as the cell is computed.
 
 Layout of an output directory (``--out``, default ``results/``)::
 
     records.jsonl                    unsharded runs
     records-shard-I-of-N.jsonl       ``--shard I/N`` runs (one file per shard; merged on read)
     manifest-<run_id>.json           one per run: command line, versions, git revision, device, settings
-    table.md                         the comparison table, rewritten at the end of each run
+    table.md, report/                the tables and the report, rewritten at the end of each run
 
-A **cell** is one (model, rope, task, length[, depth]) under one configuration. Its key is
-(model, rope, task, length, depth, train_len, dtype, attn, config): re-running a command skips cells whose
-latest record has status ``ok`` or ``oom`` (``--force`` recomputes; ``error`` cells, and cells skipped by
-``--max-memory``, are always retried).
-When a key has several records, the last one written wins.
+**What survives a crash.** Every finished cell is one line, written with a single ``write`` and ``fsync``ed
+before the next cell starts. A process killed mid-line (or a full disk) leaves at most a torn last line: readers
+skip it (and say so), the next writer drops it when it takes the lock (a record whole but for its newline is
+ended instead), and an append always starts on a line of its own. Lines are decoded one by one, so a cut inside
+a multi-byte character loses that line only.
 
-Record schema (``schema`` = 1)::
+**One writer per records file.** A writer holds an advisory lock (``fcntl.flock`` on ``.<records file>.lock``)
+for as long as it runs; a second process asking for the same file is refused at once, naming the holder. Shards
+write separate files, so shards of one run share a directory safely. Locks are local to a machine: across
+machines, give each its own ``--shard`` (or its own directory).
 
-    schema             1
+A **cell** is one (model, rope, task spec, length[, depth]) under one configuration; its key is
+(model, model_fingerprint, rope, task_spec, length, depth, train_len, dtype, attn). When a key has several
+records, the newest (by ``finished_at``, then file order) wins. Re-running a command skips cells whose newest record
+has status ``ok`` or ``oom`` (``--force`` recomputes; ``error`` cells, and cells skipped by ``--max-memory``, are
+always retried).
+
+Record schema (``schema`` = 2)::
+
+    schema             2 (1: before task specs; still read, see lctx.evals.upgrade)
     run_id             id of the run that wrote it (names its manifest-<run_id>.json)
     model              model reference as given (--model)
+    model_fingerprint  local models: a hash of config.json and of each weight/tokenizer file's size, first and last
+                       MiB (lctx.models.fingerprint); null for hub ids. Records without it (written before it
+                       existed) count as the model's current files
     rope               canonical, fully resolved spec, e.g. "yarn:factor=4:beta_fast=32:...:logn=false"
     rope_input         the spec as typed, e.g. "yarn:factor=4"
-    task               task name: ppl | passkey | niah | ...
-    length             context length in tokens (ppl: tokens per document, BOS included if the tokenizer
-                       adds one; passkey/niah: exact prompt length)
+    task               task name: ppl | passkey | niah | synthetic:niah-single | longbench:qasper | ...
+    task_spec          canonical task spec: the name and every parameter that changes results,
+                       e.g. "passkey:samples=5:seed=0:max_new_tokens=8:chat_template=false"
+    config             the same parameters as an object (lctx.evals.Task.identity)
+    length             context length in tokens
     depth              needle depth in [0, 1] for passkey/niah; null otherwise
     train_len          training length the variant was resolved against
     dtype, attn        torch dtype and attention implementation; device: where it ran
-    config             task options that change results; part of the key:
-                         ppl:     mode (truncated|sliding), stride, last_k, samples, data
-                         passkey: samples (trials), seed, max_new_tokens
-                         niah:    samples, seed, max_new_tokens, needle, question, data
     status             ok | oom | error
     error              null, or "ExceptionType: message" (status oom/error)
     over_budget        true when the cell was not run because its memory estimate exceeded --max-memory
-                       (status oom); such cells are retried by the next run, under its own budget
-    metrics            aggregated over samples; {} unless status is ok
-                         ppl:     ppl, nll (token-weighted mean NLL, nats), tokens, last_k_ppl, last_k_nll,
-                                  last_k_tokens, bucket_nll (8 mean NLLs by position bucket),
-                                  bucket_edges (9 positions: bucket b is [edges[b], edges[b+1]))
-                         passkey/niah: accuracy, ci_low, ci_high (Wilson 95%), correct, trials
-    samples            per-sample values (ppl: one per document with sums; passkey/niah: one per trial
-                       with value, output, answer, correct, prompt_tokens, insert_at, depth_actual, and
-                       filler: offset of the filler (niah: in the haystack stream; also haystack_tokens,
-                       haystack_documents))
-    data               where the text came from: ppl: id, description, documents, skipped_short,
-                       samples_requested, samples_used, bos_added, bos_ids; passkey/niah: the prompt pieces
-                       (niah also the corpus id and description)
-    seconds            wall time of the cell's compute (a shared perplexity forward counts once for each cell
-                       it served: see shared_forward)
+    metrics            aggregated over samples; {} unless status is ok (the task module documents its own)
+    samples            per-sample values (documents, trials, examples)
+    data               where the text came from and the prompt pieces
+    seconds            wall time of the cell's compute (a shared forward counts once for each cell it served)
     peak_memory_bytes  CUDA: torch.cuda.max_memory_allocated during the cell (weights included);
                        CPU: peak growth of the process RSS over its value at the start of the cell
     memory_kind        cuda_max_allocated | cpu_rss_growth
-    process_peak_bytes CPU: peak RSS of the whole process during the cell (weights, interpreter included)
+    process_peak_bytes CPU: peak RSS of the whole process during the cell
     memory_estimate_bytes  lctx.memory's up-front estimate for the cell's unit (weights included)
     shared_forward     lengths computed together in one forward (ppl, length-independent variants), if any
     finished_at        ISO-8601 UTC time the record was written (milliseconds)
@@ -61,22 +62,35 @@ Record schema (``schema`` = 1)::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-SCHEMA_VERSION = 1
-KEY_FIELDS = ("model", "rope", "task", "length", "depth", "train_len", "dtype", "attn", "config")
+SCHEMA_VERSION = 2
+KEY_FIELDS = ("model", "model_fingerprint", "rope", "task_spec", "length", "depth", "train_len", "dtype", "attn")
 DONE = ("ok", "oom")
+# field -> the JSON types a readable record may hold there (None: the field may be null or missing)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "rope": (str,), "task": (str,), "length": (int,), "depth": (int, float, type(None)),
+    "train_len": (int, type(None)), "dtype": (str, type(None)), "attn": (str, type(None)),
+    "config": (dict, type(None)), "status": (str,), "metrics": (dict, type(None)),
+    "finished_at": (str, type(None)), "task_spec": (str, type(None)), "schema": (int, type(None)),
+    "model_fingerprint": (str, type(None)),
+}
+
+
+class StoreError(OSError):
+    """The store cannot be written: another process holds it, or its records come from a newer lctx."""
 
 
 def cell_key(record: dict[str, Any]) -> str:
-    """The identity of a cell as a string (JSON of the key fields, config keys sorted)."""
+    """The identity of a cell as a string (JSON of the key fields)."""
     return json.dumps([record.get(f) for f in KEY_FIELDS], sort_keys=True, default=str)
 
 
@@ -84,15 +98,46 @@ def records_name(shard: tuple[int, int] | None) -> str:
     return "records.jsonl" if shard is None else f"records-shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf are not JSON: write them as strings so every line parses everywhere."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
+
+
+def problem(record: Any) -> str | None:
+    """Why a decoded line is not a readable record (None when it is)."""
+    if not isinstance(record, dict) or "task" not in record:
+        return "not a record"
+    for name, types in FIELD_TYPES.items():
+        value = record.get(name)
+        if name in ("model", "rope", "task", "length", "status") and name not in record:
+            return f"no {name!r}"
+        if isinstance(value, bool) or (value is not None and not isinstance(value, types)):
+            return f"field {name!r} is {type(value).__name__}"
+    if (record.get("schema") or 1) > SCHEMA_VERSION:
+        return f"schema {record['schema']} (this lctx reads up to {SCHEMA_VERSION}; upgrade lctx)"
+    return None
+
+
+@dataclass
+class Skipped:
+    """Lines the reader could not use, with where they are (file:line) and why."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    newer_schema: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+    def describe(self, limit: int = 3) -> str:
+        shown = "; ".join(f"{where}: {why}" for where, why in self.lines[:limit])
+        more = f"; and {len(self.lines) - limit} more" if len(self.lines) > limit else ""
+        return f"{len(self.lines)} unreadable line(s) skipped ({shown}{more})"
 
 
 class Store:
@@ -101,214 +146,179 @@ class Store:
     def __init__(self, root: str | Path, shard: tuple[int, int] | None = None):
         self.root = Path(root)
         self.path = self.root / records_name(shard)
-        self.bad_lines = 0
+        self.skipped = Skipped()
+        self._lock: int | None = None
 
-    def append(self, record: dict[str, Any]) -> None:
+    # -- writing --
+
+    def check(self) -> None:
+        """Fail now, with one line and creating nothing, when the directory could not be written (a file in the
+        way, no permission)."""
+        problem = unwritable(self.root)
+        if problem:
+            raise StoreError(f"results directory {str(self.root)!r} cannot be written: {problem}; choose another --out")
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Store]:
+        """Hold the records file's lock for the block; StoreError when another process holds it or when the
+        directory's records come from a newer lctx (writing older records among them would confuse it)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_json_safe(record), ensure_ascii=False) + "\n"
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(f"{self.path} is being written by {holder}; wait for it to finish, or use another "
+                             "--out (or --shard i/n to split the work)") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+            self._end_torn_tail()
+            self.read()
+            if self.skipped.newer_schema:
+                raise StoreError(f"{self.root} holds {self.skipped.newer_schema} record(s) of a newer schema than "
+                                 f"this lctx writes ({SCHEMA_VERSION}); upgrade lctx or use another --out")
+            self._lock = fd
+            yield self
+        finally:
+            self._lock = None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+    def _end_torn_tail(self) -> None:
+        """Under the lock: a last line cut by a crash is dropped (a whole record missing only its newline is
+        ended instead), so the file holds whole lines only and readers stop warning about it."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) == b"\n":
+                return
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - 2**20)
+            handle.seek(start)
+            block = handle.read()
+            cut = block.rfind(b"\n") + 1
+            tail = block[cut:]
+            try:
+                whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                whole = False
+            if whole:
+                handle.write(b"\n")
+            elif cut or start == 0:
+                handle.truncate(start + cut)
             handle.flush()
             os.fsync(handle.fileno())
 
-    def all_records(self) -> list[dict[str, Any]]:
-        """Every record in every records file (files sorted by name, lines in order)."""
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line and sync it; a torn last line (a crash mid-write) is ended first."""
+        line = (json.dumps(json_safe(record), ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self.path.open("ab") as handle:
+                if handle.tell() > 0:
+                    with self.path.open("rb") as tail:
+                        tail.seek(-1, os.SEEK_END)
+                        if tail.read(1) != b"\n":
+                            line = b"\n" + line
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise StoreError(f"cannot write a record to {self.path}: {err.strerror or err}. The records written "
+                             "before are kept; free space (or fix the directory) and run the same command again to "
+                             "resume") from None
+
+    # -- reading --
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("records*.jsonl"))
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every readable record of every records file (files sorted by name, lines in order); what could not
+        be read is in :attr:`skipped`."""
         out = []
-        self.bad_lines = 0
-        for path in sorted(self.root.glob("records*.jsonl")):
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a crash: the cell is simply redone
-                        self.bad_lines += 1
-                        continue
-                    if isinstance(record, dict) and "task" in record:
-                        out.append(record)
+        self.skipped = Skipped()
+        for path in self.files():
+            try:
+                content = path.read_bytes()
+            except OSError as err:
+                self.skipped.lines.append((str(path), f"cannot read ({err.strerror})"))
+                continue
+            for number, raw in enumerate(content.split(b"\n"), 1):
+                if not raw.strip():
+                    continue
+                where = f"{path.name}:{number}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    self.skipped.lines.append((where, "not UTF-8 (cut by a crash?)"))
+                    continue
+                except json.JSONDecodeError:
+                    self.skipped.lines.append((where, "not JSON (cut by a crash?)"))
+                    continue
+                why = problem(record)
+                if why is not None:
+                    self.skipped.lines.append((where, why))
+                    if why.startswith("schema"):
+                        self.skipped.newer_schema += 1
+                    continue
+                out.append(record)
         return out
 
-    def latest(self) -> dict[str, dict[str, Any]]:
-        """The last record of each cell (by finished_at, then file order)."""
-        merged: dict[str, dict[str, Any]] = {}
-        for record in sorted(self.all_records(), key=lambda r: r.get("finished_at") or ""):
-            merged[cell_key(record)] = record
-        return merged
 
-    def records(self) -> list[dict[str, Any]]:
-        return list(self.latest().values())
+def unwritable(directory: Path) -> str | None:
+    """Why ``directory`` could not be created or written, or None; creates nothing (checked before any work)."""
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {str(existing)!r}"
+    return None
 
-    def completed(self) -> set[str]:
-        return {key for key, record in self.latest().items()
-                if record.get("status") in DONE and not record.get("over_budget")}
+
+def newest(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest record of each cell (by finished_at, then order)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: r.get("finished_at") or ""):
+        merged[cell_key(record)] = record
+    return merged
+
+
+def completed(records: dict[str, dict[str, Any]]) -> set[str]:
+    """Keys of the cells a run skips: newest record ok or oom, not skipped for its memory estimate."""
+    return {key for key, record in records.items()
+            if record.get("status") in DONE and not record.get("over_budget")}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically (temp file then rename)."""
+    """Write atomically (temp file, fsync, rename): a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2, ensure_ascii=False, default=str) + "\n",
-                   encoding="utf-8")
-    tmp.replace(path)
-
-
-# ---- tables ------------------------------------------------------------------------------------------------
-
-# metrics tabulated by default: whole-window perplexity hides a collapse at the far end (the first L_train
-# tokens are in distribution), so perplexity tables also show the last-k perplexity
-HEADLINE = {"ppl": ("ppl", "last_k_ppl"), "passkey": ("accuracy",), "niah": ("accuracy",)}
-ACCURACY_METRICS = {"accuracy", "ci_low", "ci_high"}
-
-
-def headline(task: str) -> tuple[str, ...]:
-    """Metrics a task's table shows: HEADLINE's, else the metric its registered task declares (task families such
-    as ``lm-eval:<task>`` are named at run time), else ppl."""
-    if task in HEADLINE:
-        return HEADLINE[task]
-    from lctx import evals
-
     try:
-        tasks = evals.expand(task)
-    except evals.TaskError:  # records of a task this lctx does not know
-        return ("ppl",)
-    return (tasks[0].metric,) if len(tasks) == 1 else ("ppl",)
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_safe(payload), indent=2, ensure_ascii=False, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
-def format_length(n: int) -> str:
-    if n % 1024 == 0:
-        return f"{n // 1024}k"
-    if n % 512 == 0:
-        return f"{n / 1024:g}k"
-    return str(n)
-
-
-def _config_label(config: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(config.items()) if v is not None)
-
-
-def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per record with the key fields, status, seconds and every scalar metric as a column."""
-    rows = []
-    for r in records:
-        row = {f: r.get(f) for f in KEY_FIELDS if f != "config"}
-        row["rope_input"] = r.get("rope_input") or r.get("rope")
-        row["config"] = _config_label(r.get("config") or {})
-        row["status"] = r.get("status")
-        row["seconds"] = r.get("seconds")
-        for name, value in (r.get("metrics") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                row[name] = value
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _cell_text(status: str, value: Any, metric: str, low=None, high=None) -> str:
-    if status == "oom":
-        return "OOM"
-    if status != "ok":
-        return "ERR"
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if metric in ACCURACY_METRICS:
-        text = f"{100 * value:.0f}%"
-        if low is not None and high is not None:
-            text += f" [{100 * low:.0f}–{100 * high:.0f}]"
-        return text
-    value = float(value)
-    if math.isinf(value) or abs(value) >= 1e5:
-        return f"{value:.2e}"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
-
-
-def tables(records: Iterable[dict[str, Any]], metric: str | None = None,
-           by_depth: bool = False) -> list[tuple[str, pd.DataFrame]]:
-    """Comparison tables: one per (task, model, settings), variants × lengths (× depths with ``by_depth``).
-
-    Accuracy cells pool the trials of all depths at a length (Wilson interval recomputed) unless
-    ``by_depth``; a column marked * is past the model's training length.
-    """
-    from lctx.evals.passkey import wilson
-
-    df = frame(records)
-    if df.empty:
-        return []
-    out = []
-    group_cols = ["task", "model", "train_len", "dtype", "attn", "config"]
-    for keys, group in df.groupby(group_cols, sort=False, dropna=False):
-        task, model, train_len, dtype, attn, config = keys
-        for name in ([metric] if metric else headline(task)):
-            if name not in group and name != "accuracy":
-                group = group.assign(**{name: float("nan")})  # e.g. every cell out of memory
-            has_depth = group["depth"].notna().any()
-            pooled = name == "accuracy" and has_depth and not by_depth
-            columns = ["length", "depth"] if (has_depth and by_depth) else ["length"]
-            cells: dict[tuple, dict[tuple, str]] = {}
-            ropes = list(dict.fromkeys(group["rope"]))
-            for (rope, *col), part in group.groupby(["rope", *columns], sort=False, dropna=False):
-                col = tuple(col)
-                statuses = set(part["status"])
-                status = "error" if "error" in statuses else "oom" if "oom" in statuses else "ok"
-                if name == "accuracy":
-                    correct = part["correct"].sum() if "correct" in part else 0
-                    trials = part["trials"].sum() if "trials" in part else 0
-                    value = correct / trials if trials else None
-                    low, high = wilson(int(correct), int(trials)) if trials else (None, None)
-                    text = _cell_text(status, value, "accuracy", low, high)
-                else:
-                    value = part[name].iloc[0] if name in part and len(part) == 1 else (
-                        part[name].mean() if name in part else None)
-                    text = _cell_text(status, value, name)
-                cells.setdefault(rope, {})[col] = text
-            all_cols = sorted({c for row in cells.values() for c in row}, key=lambda c: tuple(
-                float("inf") if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in c))
-            header = {c: format_length(int(c[0])) + ("*" if train_len and c[0] > train_len else "")
-                      + (f" @{c[1]:g}" if len(c) > 1 else "") for c in all_cols}
-            typed = dict(zip(group["rope"], group["rope_input"], strict=True))
-            labels = [typed.get(rope) or rope for rope in ropes]
-            if len(set(labels)) < len(labels):  # two resolutions of one typed spec: show the canonical forms
-                labels = ropes
-            table = pd.DataFrame(
-                [[cells[rope].get(c, "") for c in all_cols] for rope in ropes],
-                index=pd.Index(labels, name="rope"), columns=[header[c] for c in all_cols],
-            )
-            title = (f"{task} · {name}{' (all depths pooled)' if pooled else ''} · {model} · train_len "
-                     f"{train_len} · {dtype}/{attn} · {config}")
-            out.append((title, table))
-    return out
-
-
-def metric_names(records: Iterable[dict[str, Any]]) -> list[str]:
-    """Scalar metrics present in the records (for --metric)."""
-    df = frame(records)
-    fixed = {*KEY_FIELDS, "rope_input", "status"}
-    return sorted(c for c in df.columns if c not in fixed)
-
-
-def to_markdown(named_tables: list[tuple[str, pd.DataFrame]]) -> str:
-    parts = []
-    for title, table in named_tables:
-        header = ["rope", *map(str, table.columns)]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for rope, row in table.iterrows():
-            lines.append("| " + " | ".join([f"`{rope}`", *map(str, row.tolist())]) + " |")
-        parts.append(f"### {title}\n\n" + "\n".join(lines))
-    note = "\n\n\\* past the model's training length. OOM: out of memory. ERR: error (see the records).\n"
-    return "\n\n".join(parts) + note if parts else "(no records)\n"
-
-
-def rich_tables(named_tables: list[tuple[str, pd.DataFrame]]):
-    """rich Table objects for printing."""
-    from rich.table import Table
-
-    out = []
-    for title, table in named_tables:
-        rich_table = Table(title=title, title_justify="left", caption="* past the training length",
-                           caption_justify="left")
-        rich_table.add_column("rope", overflow="fold", style="bold")
-        for column in table.columns:
-            rich_table.add_column(str(column), justify="right")
-        for rope, row in table.iterrows():
-            rich_table.add_row(str(rope), *map(str, row.tolist()))
-        out.append(rich_table)
-    return out
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (the tables, a report page)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -96,9 +96,9 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _type_name(kind: Any) -> str:
+def type_name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
-        return f"list of {_type_name(typing.get_args(kind)[0])}"
+        return f"list of {type_name(typing.get_args(kind)[0])}"
     return {Tokens: "length", bool: "bool", int: "int", float: "float", str: "text"}.get(kind, str(kind))
 
 
@@ -145,7 +145,7 @@ class Param:
         default = ("required" if self.required else "auto" if self.default is None
                    else f"default {format_value(self.default)}")
         bounds = self.bounds()
-        return f"{self.name} ({_type_name(self.type)}{' ' + bounds if bounds else ''}, {default})"
+        return f"{self.name} ({type_name(self.type)}{' ' + bounds if bounds else ''}, {default})"
 
     def convert(self, raw: Any, owner: str) -> Any:
         """A value from the grammar (a string) or from an experiment file (a TOML value), converted and checked.
@@ -170,8 +170,10 @@ class Param:
             if kind is bool:
                 if isinstance(raw, bool):
                     value = raw
+                elif not isinstance(raw, str):  # an experiment file's 1 is not a yes
+                    raise ValueError(raw)
                 else:
-                    low = str(raw).strip().lower()
+                    low = raw.strip().lower()
                     if low not in ("true", "false", "1", "0", "yes", "no"):
                         raise ValueError(raw)
                     value = low in ("true", "1", "yes")

@@ -19,6 +19,9 @@ class CharTokenizer:
         ids = [ord(c) for c in text]
         return {"input_ids": ([1] if self.bos and add_special_tokens else []) + ids}
 
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
 
 def test_default_corpus_is_the_python_manual_split_into_contiguous_parts() -> None:
     from pydoc_data.topics import topics
@@ -105,8 +108,11 @@ def test_special_prefix_and_token_stream(tmp_path) -> None:
     folder.mkdir()
     (folder / "a.txt").write_text("abc")
     (folder / "b.txt").write_text("de")
-    ids, names = data.token_stream(data.open_corpus(folder), CharTokenizer(bos=True), 4)
-    assert ids == [ord(c) for c in "abc\n\nde"] and names == ["a.txt", "b.txt"]  # no BOS inside the haystack
+    stream = data.token_stream(data.open_corpus(folder), CharTokenizer(bos=True), 4)
+    assert stream.ids == [ord(c) for c in "abc\n\nde"] and stream.names == ["a.txt", "b.txt"]  # no BOS inside
+    assert stream.ends((".", "c")) == [False, False, True, False, False, False, False]
+    assert data.corpus(str(folder)) is data.corpus(str(folder))  # one object per source: tokenized once
+    assert data.corpus("pydoc").id == "pydoc" and data.corpus("hf:pg19#x").id.startswith("hf:pg19")
 
 
 def test_dataset_offline_says_so_and_suggests_data(monkeypatch) -> None:

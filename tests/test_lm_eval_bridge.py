@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lm_eval
@@ -19,9 +20,12 @@ from lm_eval.tasks import TaskManager
 from rich.console import Console
 from typer.testing import CliRunner
 
-from lctx import cli, evals, models, patches, results, runner
-from lctx.evals import EvalOptions, TaskError
+from lctx import cli, evals, models, patches, results, view
+from lctx.engine import greedy
+from lctx.evals import TaskError
 from lctx.evals import lm_eval_bridge as bridge
+from lctx.execute import run
+from lctx.options import RunOptions
 
 LONG = " ".join(["The interpreter reads the statement, then it evaluates the expression in order."] * 4)
 MC_DOCS = [
@@ -161,8 +165,6 @@ def test_dynamic_scaling_per_request_and_frozen_for_generation(loaded, manager):
         with patches.apply(loaded.model, "dynamic-ntk:factor=4"):
             assert ll == pytest.approx(reference_ll(loaded, context, " x"), abs=1e-4)
         with patches.apply(loaded.model, "dynamic-ntk:factor=4", seq_len=prompt + MAX_GEN):
-            from lctx.evals.passkey import greedy
-
             ids = loaded.tokenizer(GEN_DOCS[1]["prompt"])["input_ids"]
             tokens = greedy(loaded.model, ids, MAX_GEN, {loaded.tokenizer.eos_token_id})
             expected = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -194,7 +196,7 @@ def test_lctx_eval_stores_lm_eval_metrics_per_length(tiny_model_dir, task_dir, l
         "--data-dir", str(task_dir), "--lengths", "64,512", "--dtype", "float32", "--device", "cpu",
         "--out", str(out)])
     assert result.exit_code == 0, result.output
-    records = {(r["task"], r["rope"], r["length"]): r for r in results.Store(out).records()}
+    records = {(r["task"], r["rope"], r["length"]): r for r in view.newest(results.Store(out).read())}
     assert len(records) == 4 and all(r["status"] == "ok" for r in records.values())
     long_doc = len(loaded.tokenizer(MC_DOCS[2]["question"] + " a singleton")["input_ids"])
     assert long_doc > 64  # so the 64-token cell truncates it
@@ -213,15 +215,22 @@ def test_lctx_eval_stores_lm_eval_metrics_per_length(tiny_model_dir, task_dir, l
 
 
 def test_lm_eval_task_errors_are_specific(task_dir, tmp_path):
-    options = EvalOptions(models=[], ropes=[], tasks=[], lengths=[], data_dir=task_dir)
-    with pytest.raises(TaskError, match=r"--task-arg num_fewshot='some' must be an integer ≥ 0"):
-        evals.get("lm-eval:lctx_mc").validate(EvalOptions(models=[], ropes=[], tasks=[], lengths=[],
-                                                          task_args={"num_fewshot": "some"}))
-    with pytest.raises(TaskError, match=r"--data-dir '.*missing' is not a directory"):
-        evals.get("lm-eval:lctx_mc").validate(EvalOptions(models=[], ropes=[], tasks=[], lengths=[],
-                                                          data_dir=tmp_path / "missing"))
-    assert evals.get("lm-eval:lctx_mc") is evals.get("lm-eval:lctx_mc")
-    assert evals.get("lm-eval:lctx_mc").config(options)["batch_size"] == 1
+    with pytest.raises(TaskError, match=r"lm-eval:lctx_mc: num_fewshot=some is not valid: num_fewshot \(int ≥ 0"):
+        evals.resolve("lm-eval:lctx_mc", {"num_fewshot": "some"})
+    with pytest.raises(TaskError, match=r"data_dir '.*missing' is not a directory"):
+        evals.resolve("lm-eval:lctx_mc", {"data_dir": str(tmp_path / "missing")})
+    (task,) = evals.resolve("lm-eval:lctx_mc:num_fewshot=2", {"data_dir": str(task_dir)})
+    assert task.spec == f"lm-eval:lctx_mc:seed=0:chat_template=false:num_fewshot=2:batch_size=1:include={task_dir}"
+
+
+def test_importing_lctx_does_not_import_lm_eval():
+    import subprocess
+    import sys
+
+    code = ("import sys; import lctx.evals, lctx.cli, lctx.view, lctx.execute; lctx.evals.resolve('lm-eval:x,ppl'); "
+            "lctx.evals.listed(); print('lm_eval' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_flatten_and_headline_follow_lm_eval_naming():
@@ -263,15 +272,17 @@ def test_lctx_lm_eval_runs_a_task_under_a_variant(tiny_model_dir, task_dir, load
 
 
 def test_samples_limit_the_documents_and_tables_show_the_score(tiny_model_dir, task_dir, loaded, tmp_path):
-    opts = EvalOptions(models=[str(tiny_model_dir)], ropes=["none"], tasks=["lm-eval:lctx_mc"], lengths=[512],
-                       data_dir=task_dir, out=tmp_path, dtype="float32", device="cpu", samples=2)
+    opts = RunOptions(models=[str(tiny_model_dir)], ropes=["none"], tasks=["lm-eval:lctx_mc"], lengths=[512],
+                      task_defaults={"data_dir": str(task_dir), "samples": 2}, out=tmp_path, dtype="float32",
+                      device="cpu", report=False)
     console = Console(record=True, width=300)
-    assert runner.run(opts, console) == 0
-    (record,) = results.Store(tmp_path).records()
-    assert record["config"]["limit"] == 2 and record["data"]["documents"] == {"lctx_mc": 2}
+    assert run(opts, console).code == 0
+    (record,) = view.newest(results.Store(tmp_path).read())
+    assert record["config"]["samples"] == 2 and record["data"]["documents"] == {"lctx_mc": 2}
     _, lls = reference_accuracy(loaded, "none")
     first_two = [max(range(3), key=ll.__getitem__) == d["answer"] for ll, d in zip(lls[:2], MC_DOCS, strict=False)]
     assert record["metrics"]["score"] == record["metrics"]["acc"] == sum(first_two) / 2
     output = console.export_text()
-    assert f"lm-eval:lctx_mc · none · 0.5k: score {record['metrics']['score']:.3f}" in output
-    assert f"│ none │ {record['metrics']['score']:.3f} │" in output  # the table tabulates the score
+    score = view.tables.format_number(record["metrics"]["score"], evals.Metric("score", True))
+    assert f"lm-eval:lctx_mc · none · 0.5k: score {score}" in output
+    assert re.search(rf"│ none\s+│ {score} │", output)  # the table tabulates the score

@@ -9,12 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lctx import data, evals, results
+from lctx import data, engine, evals, results, view
 from lctx.cli import app
-from lctx.evals import EvalOptions, TaskError
+from lctx.engine import Engine, greedy
+from lctx.evals import TaskError
 from lctx.evals import longbench as lb
-from lctx.evals import longbench_metrics as lm
-from lctx.evals.passkey import greedy
+from lctx.evals.longbench import data as lbdata
+from lctx.evals.longbench import metrics as lm
+from lctx.evals.longbench import prompts
+from lctx.view import summaries
 
 cli = CliRunner()
 
@@ -159,10 +162,10 @@ def wilson_reference(k: int, n: int) -> tuple[float, float]:
 
 def test_v2_metrics_by_difficulty_and_length() -> None:
     rows = [
-        {"difficulty": "easy", "length": "short", "correct": True, "prediction": "A"},
-        {"difficulty": "easy", "length": "long", "correct": False, "prediction": None},
-        {"difficulty": "hard", "length": "short", "correct": True, "prediction": "C"},
-        {"difficulty": "hard", "length": "short", "correct": False, "prediction": "B"},
+        {"difficulty": "easy", "length": "short", "correct": True, "prediction": "A", "empty": False},
+        {"difficulty": "easy", "length": "long", "correct": False, "prediction": None, "empty": False},
+        {"difficulty": "hard", "length": "short", "correct": True, "prediction": "C", "empty": False},
+        {"difficulty": "hard", "length": "short", "correct": False, "prediction": "B", "empty": False},
     ]
     metrics = lb.v2_metrics(rows)
     assert (metrics["accuracy"], metrics["correct"], metrics["trials"]) == (0.5, 2, 4)  # 2 of 4
@@ -172,32 +175,54 @@ def test_v2_metrics_by_difficulty_and_length() -> None:
     assert metrics["accuracy_long"] == 0.0 and metrics["accuracy_medium"] is None  # none medium
     assert (metrics["ci_low_short"], metrics["ci_high_short"]) == pytest.approx(wilson_reference(2, 3))
     assert metrics["unanswered"] == 1
+    assert metrics["accuracy_strict"] == 0.5 and metrics["excluded"] == 0  # nothing empty: both conventions agree
+
+
+def test_v2_empty_outputs_are_excluded_officially_and_wrong_strictly() -> None:
+    """pred.py writes no result for an empty output and result.py divides by those left: 2 correct of the 3
+    answered (2/3); counted wrong, 2 of 4. The easy group: 1 answered of 2: 1/1 officially, 1/2 strictly."""
+    rows = [
+        {"difficulty": "easy", "length": "short", "correct": True, "prediction": "A", "empty": False},
+        {"difficulty": "easy", "length": "long", "correct": False, "prediction": None, "empty": True},
+        {"difficulty": "hard", "length": "short", "correct": True, "prediction": "C", "empty": False},
+        {"difficulty": "hard", "length": "short", "correct": False, "prediction": "B", "empty": False},
+    ]
+    metrics = lb.v2_metrics(rows)
+    assert (metrics["accuracy"], metrics["correct"], metrics["trials"]) == (pytest.approx(2 / 3), 2, 3)
+    assert (metrics["accuracy_strict"], metrics["trials_strict"]) == (0.5, 4)
+    assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_reference(2, 3))
+    assert (metrics["ci_low_strict"], metrics["ci_high_strict"]) == pytest.approx(wilson_reference(2, 4))
+    assert metrics["excluded"] == 1 and metrics["unanswered"] == 1
+    assert metrics["accuracy_easy"] == 1.0 and metrics["accuracy_strict_easy"] == 0.5
+    assert metrics["accuracy_long"] is None and metrics["accuracy_strict_long"] == 0.0  # result.py: division by 0
+    everything_empty = lb.v2_metrics([{**r, "empty": True, "correct": False} for r in rows])
+    assert everything_empty["accuracy"] is None and everything_empty["accuracy_strict"] == 0.0
 
 
 # ---- prompts and truncation ---------------------------------------------------------------------------------
 
 
-def example(**fields) -> lb.Example:
+def example(**fields) -> lbdata.Example:
     base = {"id": "x", "input": "Who?", "context": "Alice met Bob.", "answers": ("Bob",), "length": 3,
             "all_classes": None}
-    return lb.Example(**{**base, **fields})
+    return lbdata.Example(**{**base, **fields})
 
 
 def test_prompt_templates_are_filled_as_in_longbench() -> None:
-    assert lb.v1_text("hotpotqa", example()) == (
+    assert prompts.v1_text("hotpotqa", example()) == (
         "Answer the question based on the given passages. Only give me the answer and do not output any other "
         "words.\n\nThe following are given passages.\nAlice met Bob.\n\nAnswer the question based on the given "
         "passages. Only give me the answer and do not output any other words.\n\nQuestion: Who?\nAnswer:")
-    assert lb.v1_text("trec", example(context="Q1\nType: A", input="Q2\nType:")) == (
+    assert prompts.v1_text("trec", example(context="Q1\nType: A", input="Q2\nType:")) == (
         "Please determine the type of the question below. Here are some examples of questions.\n\nQ1\nType: A\n"
         "Q2\nType:")
-    assert lb.v1_text("lcc", example(context="def f():\n")) == \
+    assert prompts.v1_text("lcc", example(context="def f():\n")) == \
         "Please complete the code given below. \ndef f():\nNext line of code:\n"
     # braces in the data are text, not format fields
-    assert "{x}" in lb.v1_text("multifieldqa_zh", example(context="{x}"))
-    v2 = lb.ChoiceExample(id="q", question=" Which? ", choices=(" a ", "b", "c", "d\n"), answer="A",
+    assert "{x}" in prompts.v1_text("multifieldqa_zh", example(context="{x}"))
+    v2 = lbdata.ChoiceExample(id="q", question=" Which? ", choices=(" a ", "b", "c", "d\n"), answer="A",
                           context="\nDOC\n", difficulty="easy", length="short")
-    assert lb.v2_text(v2) == (
+    assert prompts.v2_text(v2) == (
         "Please read the following text and answer the question below.\n\n<text>\nDOC\n</text>\n\nWhat is the "
         "correct answer to this question: Which?\nChoices:\n(A) a\n(B) b\n(C) c\n(D) d\n\nFormat your response "
         "as follows: \"The correct answer is (insert answer here)\".")
@@ -205,39 +230,39 @@ def test_prompt_templates_are_filled_as_in_longbench() -> None:
 
 def test_middle_truncation_keeps_head_and_tail() -> None:
     ids = list(range(10))
-    assert lb.middle_truncate(ids, 5) == [0, 1, 7, 8, 9]  # ⌊5/2⌋ = 2 first, 3 last
-    assert lb.middle_truncate(ids, 4) == [0, 1, 8, 9]
-    assert lb.middle_truncate(ids, 10) == ids and lb.middle_truncate(ids, 50) == ids
+    assert prompts.middle_truncate(ids, 5) == [0, 1, 7, 8, 9]  # ⌊5/2⌋ = 2 first, 3 last
+    assert prompts.middle_truncate(ids, 4) == [0, 1, 8, 9]
+    assert prompts.middle_truncate(ids, 10) == ids and prompts.middle_truncate(ids, 50) == ids
 
 
-def test_prompt_is_cut_exactly_in_token_space(tiny_tokenizer) -> None:
-    text = lb.v1_text("hotpotqa", example(context=" ".join(f"Passage {i}: the number is {i}." for i in range(60))))
+def test_exact_budget_cuts_exactly_in_token_space(tiny_tokenizer) -> None:
+    text = prompts.v1_text("hotpotqa", example(context=" ".join(f"Passage {i}: the number is {i}." for i in range(60))))
     full = tiny_tokenizer(text)["input_ids"]  # the tokenizer's own encoding, BOS included
     assert full[0] == tiny_tokenizer.bos_token_id and len(full) > 300
     for budget in (99, 100, 257):
-        prompt = lb.build_prompt(tiny_tokenizer, text, budget, chat=False)
+        prompt = prompts.exact_prompt(Engine(None, tiny_tokenizer, 256), text, budget, chat=False)
         assert len(prompt.ids) == budget and prompt.truncated and prompt.full_tokens == len(full)
         assert prompt.ids == full[:budget // 2] + full[len(full) - (budget - budget // 2):]
-    whole = lb.build_prompt(tiny_tokenizer, text, 10_000, chat=False)
+    whole = prompts.exact_prompt(Engine(None, tiny_tokenizer, 256), text, 10_000, chat=False)
     assert whole.ids == full and not whole.truncated
 
 
-def test_chat_template_wraps_and_counts_against_the_budget(tiny_tokenizer) -> None:
+def test_exact_budget_counts_the_chat_template(tiny_tokenizer) -> None:
     import copy
 
     tok = copy.deepcopy(tiny_tokenizer)
-    with pytest.raises(TaskError, match="no chat template.*without --chat-template"):
-        lb.build_prompt(tok, "hello", 50, chat=True)
+    with pytest.raises(engine.ChatTemplateError, match="no chat template.*without --chat-template"):
+        prompts.exact_prompt(Engine(None, tok, 256), "hello", 50, chat=True)
     tok.chat_template = ("{% for m in messages %}<s>[USER] {{ m['content'] }} [/USER]{% endfor %}"
                          "{% if add_generation_prompt %} [BOT]{% endif %}")
     before = tok("<s>[USER] ", add_special_tokens=False)["input_ids"]
     after = tok(" [/USER] [BOT]", add_special_tokens=False)["input_ids"]
     body = tok("word " * 200, add_special_tokens=False)["input_ids"]
-    prompt = lb.build_prompt(tok, "word " * 200, 80, chat=True)
+    prompt = prompts.exact_prompt(Engine(None, tok, 256), "word " * 200, 80, chat=True)
     room = 80 - len(before) - len(after)
     assert len(prompt.ids) == 80 and prompt.chat
     assert prompt.ids == before + body[:room // 2] + body[len(body) - (room - room // 2):] + after
-    short = lb.build_prompt(tok, "hi", 80, chat=True)
+    short = prompts.exact_prompt(Engine(None, tok, 256), "hi", 80, chat=True)
     assert short.ids == before + tok("hi", add_special_tokens=False)["input_ids"] + after
 
 
@@ -271,22 +296,23 @@ def eval_args(model_dir, out, data_dir, *extra) -> list[str]:
 
 
 def test_longbench_eval_end_to_end_records(tmp_path, tiny_model_dir, tiny) -> None:
+    """budget=exact: prompts of length − max_new_tokens ids at most, sliced in token space."""
     write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(3))
     out = tmp_path / "out"
-    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa",
+    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa:budget=exact",
                                        "--lengths", "96,2000", "--samples", "2"))
     assert result.exit_code == 0, result.output
-    records = {r["length"]: r for r in results.Store(out).records()}
+    records = {r["length"]: r for r in view.newest(results.Store(out).read())}
     assert set(records) == {96, 2000}
     tok = tiny.tokenizer
     for length, record in records.items():
         assert record["task"] == "longbench:hotpotqa" and record["status"] == "ok"
         assert record["config"] == {"samples": 2, "data": str(tmp_path), "chat_template": False,
-                                    "max_new_tokens": 32}
+                                    "max_new_tokens": 32, "budget": "exact"}
         assert record["metrics"]["examples"] == 2 and len(record["samples"]) == 2
         for i, sample in enumerate(record["samples"]):
-            full = tok(lb.v1_text("hotpotqa", lb.parse_v1(v1_rows(3)[i], "t", "hotpotqa")))["input_ids"]
-            ids = lb.middle_truncate(full, length - 32)
+            full = tok(prompts.v1_text("hotpotqa", lbdata.parse_v1(v1_rows(3)[i], "t", "hotpotqa")))["input_ids"]
+            ids = prompts.middle_truncate(full, length - 32)
             assert sample["prompt_tokens"] == len(ids) == min(len(full), length - 32)
             assert sample["truncated"] == (len(full) > length - 32)
             # the same answer from transformers' own greedy generate
@@ -301,9 +327,39 @@ def test_longbench_eval_end_to_end_records(tmp_path, tiny_model_dir, tiny) -> No
     assert records[96]["metrics"]["truncated"] == 2 and records[2000]["metrics"]["truncated"] == 0
     assert records[96]["data"]["source"] == str(tmp_path / "hotpotqa.jsonl")
     # the same command again finds both cells recorded
-    again = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa",
+    again = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa:budget=exact",
                                       "--lengths", "96,2000", "--samples", "2"))
     assert again.exit_code == 0 and "2 already recorded" in flat(again)
+
+
+def test_longbench_official_budget_end_to_end(tmp_path, tiny_model_dir, tiny) -> None:
+    """The default, budget=official: pred.py's max_length for the length, each half decoded, the text encoded
+    again (written out here as pred.py does it); the answer generated after it."""
+    write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(2))
+    out = tmp_path / "out"
+    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa",
+                                       "--lengths", "700,3000", "--max-new-tokens", "3"))
+    assert result.exit_code == 0, result.output
+    records = {r["length"]: r for r in view.newest(results.Store(out).read())}
+    tok = tiny.tokenizer
+    for length, max_length in ((700, 683 - 500), (3000, 2929 - 500)):  # ⌊length·1000/1024⌋ − 500
+        record = records[length]
+        assert record["task_spec"].endswith(":budget=official") and record["data"]["prompt_budget"] == max_length
+        for i, sample in enumerate(record["samples"]):
+            text = prompts.v1_text("hotpotqa", lbdata.parse_v1(v1_rows(2)[i], "t", "hotpotqa"))
+            ids = tok(text).input_ids
+            if len(ids) > max_length:
+                half = int(max_length / 2)
+                text = tok.decode(ids[:half], skip_special_tokens=True) + tok.decode(ids[-half:],
+                                                                                     skip_special_tokens=True)
+            reference = tok(text).input_ids
+            assert sample["prompt_tokens"] == len(reference) and sample["full_tokens"] == len(ids)
+            assert sample["truncated"] == (len(ids) > max_length)
+            with torch.no_grad():
+                answer = tiny.model.generate(torch.tensor([reference]), max_new_tokens=3, do_sample=False,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            assert sample["prediction"] == tok.decode(answer[0, len(reference):], skip_special_tokens=True)
+    assert records[700]["metrics"]["truncated"] == 2 and records[3000]["metrics"]["truncated"] == 0
 
 
 def test_longbench_e_records_length_buckets(tmp_path, tiny_model_dir) -> None:
@@ -314,9 +370,9 @@ def test_longbench_e_records_length_buckets(tmp_path, tiny_model_dir) -> None:
     write_jsonl(tmp_path / "trec_e.jsonl", rows)
     out = tmp_path / "out"
     result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:trec_e", "--lengths",
-                                       "200", "--max-new-tokens", "4"))
+                                       "200", "--max-new-tokens", "4", "--task-arg", "budget=exact"))
     assert result.exit_code == 0, result.output
-    (record,) = results.Store(out).records()
+    (record,) = view.newest(results.Store(out).read())
     metrics, samples = record["metrics"], record["samples"]
     assert record["task"] == "longbench:trec_e" and metrics["examples"] == 3
     assert [s["score"] for s in samples] == [lm.score_example("trec", s["prediction"], s["answers"], classes)
@@ -331,12 +387,13 @@ def test_longbench_v2_end_to_end(tmp_path, tiny_model_dir) -> None:
              "question": f"Which town is number {i}?", "choice_A": "one", "choice_B": "two", "choice_C": "three",
              "choice_D": "four", "answer": "ABCD"[i], "context": "Town one. Town two. " * 20}
             for i, (difficulty, length) in enumerate([("easy", "short"), ("hard", "short"), ("hard", "long")])]
-    write_jsonl(tmp_path / "longbench_v2.jsonl", rows)
+    write_jsonl(tmp_path / "longbench_v2_short.jsonl", rows)  # any one .jsonl of v2 questions
+    write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(1))  # v1 files beside it are not v2 files
     out = tmp_path / "out"
-    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench-v2", "--lengths", "150",
-                                       "--max-new-tokens", "6"))
+    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench-v2:budget=exact",
+                                       "--lengths", "150", "--max-new-tokens", "6"))
     assert result.exit_code == 0, result.output
-    (record,) = results.Store(out).records()
+    (record,) = view.newest(results.Store(out).read())
     metrics, samples = record["metrics"], record["samples"]
     assert [s["answer"] for s in samples] == ["A", "B", "C"] and all(s["prompt_tokens"] == 144 for s in samples)
     assert [s["prediction"] for s in samples] == [lm.extract_choice(s["response"]) for s in samples]
@@ -345,6 +402,10 @@ def test_longbench_v2_end_to_end(tmp_path, tiny_model_dir) -> None:
     assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_reference(correct, 3))
     assert metrics["trials_hard"] == 2 and metrics["trials_easy"] == 1 and metrics["trials_long"] == 1
     assert metrics["trials_medium"] == 0 and metrics["accuracy_medium"] is None
+    assert record["data"]["source"] == str(tmp_path / "longbench_v2_short.jsonl")
+    write_jsonl(tmp_path / "other_v2.jsonl", rows)
+    with pytest.raises(data.DataError, match=r"several LongBench v2 files \(longbench_v2_short.jsonl, other_v2"):
+        task("longbench-v2", tmp_path)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
@@ -358,102 +419,116 @@ def test_unknown_member_lists_the_valid_ones(tiny_model_dir, tmp_path) -> None:
         assert name in flat(result)
     with pytest.raises(TaskError, match="LongBench-E has no 'narrativeqa'.*qasper_e"):
         evals.expand("longbench:narrativeqa_e")
-    assert len(evals.parse_tasks("longbench:all")) == 21 and len(evals.parse_tasks("longbench:all_e")) == 13
+    assert len(evals.expand("longbench:all")) == 21 and len(evals.expand("longbench:all_e")) == 13
 
 
-def options(data_dir, **extra) -> EvalOptions:
-    return EvalOptions(models=["m"], ropes=["none"], tasks=["longbench:hotpotqa"], lengths=[256], data_dir=data_dir,
-                       **extra)
+def task(name: str, data_dir) -> evals.Task:
+    """The task, created (and so validated: its data read) with this data directory."""
+    (found,) = evals.resolve(name, {"data_dir": None if data_dir is None else str(data_dir)})
+    return found
 
 
 def test_missing_data_file_and_offline_hub_name_data_dir(tmp_path, monkeypatch) -> None:
-    task = lb.TASKS["hotpotqa"]
     with pytest.raises(data.DataError, match=r"no data file .*hotpotqa\.jsonl.*--data-dir"):
-        task.validate(options(tmp_path))
-    with pytest.raises(data.DataError, match="--data-dir .* is not a directory"):
-        task.validate(options(tmp_path / "nowhere"))
+        task("longbench:hotpotqa", tmp_path)
+    with pytest.raises(data.DataError, match="data_dir .* is not a directory"):
+        task("longbench:hotpotqa", tmp_path / "nowhere")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(data.DataError, match=r"no --data-dir given and the HuggingFace hub is offline.*--data-dir"):
-        task.validate(options(None))
-    with pytest.raises(data.DataError, match="longbench_v2.jsonl nor data.json"):
-        evals.TASKS["longbench-v2"].validate(options(tmp_path))
+        task("longbench:hotpotqa", None)
+    with pytest.raises(data.DataError, match="longbench_v2.jsonl nor data.json nor another .jsonl"):
+        task("longbench-v2", tmp_path)
 
 
 def test_bad_jsonl_is_named_by_line_and_field(tmp_path) -> None:
-    task = lb.TASKS["hotpotqa"]
     good = json.dumps(v1_rows(1)[0])
     (tmp_path / "hotpotqa.jsonl").write_text(good + "\n{not json\n")
     with pytest.raises(data.DataError, match=r"hotpotqa\.jsonl:2 is not valid JSON"):
-        task.validate(options(tmp_path))
+        task("longbench:hotpotqa", tmp_path)
     (tmp_path / "hotpotqa.jsonl").write_text(json.dumps({"input": "q", "context": "c", "length": 1}) + "\n")
     with pytest.raises(data.DataError, match=r"hotpotqa\.jsonl:1: missing field 'answers'.*found: input, context"):
-        task.validate(options(tmp_path))
+        task("longbench:hotpotqa", tmp_path)
     (tmp_path / "hotpotqa.jsonl").write_text(json.dumps({**v1_rows(1)[0], "answers": "town 0"}) + "\n")
     with pytest.raises(data.DataError, match="field 'answers' must be a list of strings"):
-        task.validate(options(tmp_path))
+        task("longbench:hotpotqa", tmp_path)
     (tmp_path / "trec.jsonl").write_text(good + "\n")  # all_classes null: a classification task needs them
     with pytest.raises(data.DataError, match="trec is a classification task; its lines need 'all_classes'"):
-        lb.TASKS["trec"].validate(options(tmp_path))
+        task("longbench:trec", tmp_path)
     (tmp_path / "longbench_v2.jsonl").write_text(json.dumps(
         {"question": "q", "choice_A": "a", "choice_B": "b", "choice_C": "c", "choice_D": "d", "answer": "E",
          "context": "c", "difficulty": "easy", "length": "short"}) + "\n")
     with pytest.raises(data.DataError, match="field 'answer' is 'E'; valid: A, B, C, D"):
-        evals.TASKS["longbench-v2"].validate(options(tmp_path))
+        task("longbench-v2", tmp_path)
 
 
 def test_option_errors(tmp_path, tiny_model_dir) -> None:
     write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(1))
     write_jsonl(tmp_path / "lcc.jsonl", v1_rows(1, "lcc"))
-    result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:hotpotqa",
-                                       "--lengths", "32"))
+    result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task",
+                                       "longbench:hotpotqa:budget=exact", "--lengths", "32"))
     assert result.exit_code == 2
     assert "length 32 leaves no room for the prompt: 32 tokens are kept for the answer" in flat(result)
+    result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:hotpotqa",
+                                       "--lengths", "500"))
+    assert result.exit_code == 2
+    assert "length 500 leaves no prompt under LongBench's official budget (⌊length·1000/1024⌋ − 500 = -12" in \
+        flat(result)
     result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:lcc",
                                        "--task-arg", "edit_sim=exact"))
-    assert result.exit_code == 2 and "edit_sim='exact'" in flat(result) and "difflib, levenshtein" in flat(result)
+    assert result.exit_code == 2 and "edit_sim=exact is not valid" in flat(result)
+    assert "one of difflib, levenshtein" in flat(result)
     result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:hotpotqa",
-                                       "--chat-template", "--lengths", "200"))
+                                       "--chat-template", "--lengths", "2000"))
     assert result.exit_code == 2 and "no chat template" in flat(result)
 
 
 # ---- aggregation --------------------------------------------------------------------------------------------
 
 
-def record(task: str, score: float | None, *, rope="none", length=4096, status="ok", **metrics) -> dict:
+def record(task: str, score: float | None, *, rope="none", length=4096, status="ok", max_new_tokens=32,
+           **metrics) -> dict:
+    """A schema-1 LongBench record (answer budgets differ between tasks: they do not split the averages)."""
     return {"task": f"longbench:{task}", "model": "m", "rope": rope, "rope_input": rope, "length": length,
             "depth": None, "train_len": 2048, "dtype": "float32", "attn": "sdpa", "status": status,
-            "config": {"samples": "all", "data": "d", "chat_template": False, "max_new_tokens": 32},
+            "config": {"samples": "all", "data": "d", "chat_template": False, "max_new_tokens": max_new_tokens},
             "metrics": {"score": score, "examples": 10, **metrics}, "finished_at": "2026-01-01T00:00:00"}
 
 
-def test_aggregate_averages_categories_then_overall() -> None:
+def test_category_averages_then_overall() -> None:
     records = [record("narrativeqa", 20.0), record("qasper", 40.0), record("hotpotqa", 10.0),
                record("lcc", 50.0), record("musique", 99.0, status="error"),  # errors are left out
                record("narrativeqa", 70.0, rope="yarn")]
-    rows = {row["rope"]: row for row in lb.aggregate(records)}
+    rows = {row["rope"]: row for row in summaries.category_rows(view.newest(records))}
     # none: single-doc (20 + 40)/2 = 30, multi-doc 10, code 50; overall (30 + 10 + 50)/3 = 30
     assert rows["none"]["categories"] == {"single-doc QA": 30.0, "multi-doc QA": 10.0, "code": 50.0}
     assert rows["none"]["overall"] == 30.0 and rows["none"]["suite"] == "LongBench"
     assert rows["yarn"]["categories"] == {"single-doc QA": 70.0} and rows["yarn"]["overall"] == 70.0
     e = [record("qasper_e", 30.0, **{"score_0-4k": 40.0, "score_4-8k": 20.0, "score_8k+": None}),
          record("trec_e", 60.0, **{"score_0-4k": 80.0, "score_4-8k": 50.0, "score_8k+": 10.0})]
-    (row,) = lb.aggregate(e)
+    (row,) = summaries.category_rows(view.newest(e))
     # categories single-doc 30, few-shot 60: overall 45; 0-4k (40 + 80)/2 = 60; 8k+ only few-shot: 10
     assert row["suite"] == "LongBench-E" and row["overall"] == 45.0
     assert row["buckets"]["0-4k"]["overall"] == 60.0 and row["buckets"]["4-8k"]["overall"] == 35.0
     assert row["buckets"]["8k+"] == {"categories": {"single-doc QA": None, "few-shot": 10.0}, "overall": 10.0}
 
 
-def test_results_command_prints_category_tables(tmp_path) -> None:
+def test_results_and_report_print_the_same_category_tables(tmp_path, monkeypatch) -> None:
+    from lctx import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 250)
     store = results.Store(tmp_path)
-    for rec in (record("narrativeqa", 20.0), record("qasper", 40.0), record("lcc", 50.0)):
+    for rec in (record("narrativeqa", 20.0), record("qasper", 40.0, max_new_tokens=128), record("lcc", 50.0)):
         store.append(rec)
-    titles = [title for title, _ in results.tables(store.records())]
-    assert any(title.startswith("longbench:qasper · score ·") for title in titles)  # the score, not perplexity
-    (title, frame), = lb.category_tables(store.records())
-    assert title.startswith("LongBench by category") and "3 tasks: lcc, narrativeqa, qasper" in title
-    assert list(frame.columns) == ["single-doc QA", "code", "overall"]
-    assert frame.loc["none"].tolist() == ["30.00", "50.00", "40.00"]  # (20+40)/2; 50; (30+50)/2
+    records = view.newest(store.read())
+    titles = [t.title for t in view.tables.build(records)]
+    assert any(title.startswith("longbench:qasper · score ↑ ·") for title in titles)  # the score, not perplexity
+    (summary,) = summaries.build(records)
+    assert summary.title.startswith("LongBench by category") and "3 tasks: lcc, narrativeqa, qasper" in summary.title
+    assert summary.columns == ["variant", "single-doc QA", "code", "overall"]
+    assert summary.rows == [["none", "30.00", "50.00", "40.00"]]  # (20+40)/2; 50; (30+50)/2
     result = cli.invoke(app, ["results", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "│ none │" in result.output and "40.00" in result.output  # the category table is printed
+    assert "│ none    │ 30.00         │ 50.00 │ 40.00   │" in result.output  # the category table is printed
+    done = cli.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "rep"), "--no-figures"])
+    assert done.exit_code == 0, done.output
+    assert "| none | 30.00 | 50.00 | 40.00 |" in (tmp_path / "rep" / "tables.md").read_text()

@@ -25,7 +25,7 @@ def test_default_model_is_the_offline_smollm2(smollm2) -> None:
     assert smollm2.model.config._attn_implementation == "sdpa"
     assert smollm2.dtype == torch.float32  # --dtype auto on CPU
     # the dequantized copy is cached, so later loads skip the ~20 s GGUF conversion
-    assert (models._gguf_cache(models.Path(models.resolve_alias("smollm2-135m"))) / "config.json").is_file()
+    assert (models.gguf_cache(models.Path(models.resolve_alias("smollm2-135m"))) / "config.json").is_file()
     # a real language model: English prose is predictable
     from pydoc_data.topics import topics
 
@@ -102,3 +102,32 @@ def test_attention_variants_follow_structure_not_names(monkeypatch) -> None:
         with patches.apply(model, "rerope:window=16", train_len=64):
             after = model(x).logits
     assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_two_processes_converting_one_gguf_file_both_get_the_cache(tmp_path, monkeypatch) -> None:
+    """Ranks or workers on one machine may convert the same GGUF file at once: the one that finishes second
+    uses the first one's copy instead of failing on the rename."""
+    import transformers
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("LCTX_CACHE", str(tmp_path / "cache"))
+    target = models.gguf_cache(gguf)
+
+    class Saved:
+        config = None
+
+        def save_pretrained(self, path) -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+            if not target.exists():  # the other process finishes its conversion meanwhile
+                target.mkdir(parents=True)
+                (target / "config.json").write_text('{"first": true}')
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr(models, "AutoTokenizer", transformers.AutoTokenizer)
+    assert models._convert_gguf(gguf) == target
+    assert (target / "config.json").read_text() == '{"first": true}'
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert left == [target.name, target.name + ".lock"]  # the second copy removed (the lock file stays)

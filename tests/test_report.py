@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lctx import results
+from lctx import patches, results, view
 from lctx.cli import app
-from lctx.report import cells, gate, plots, tables
+from lctx.view import figures as plots
+from lctx.view import frame, gate, tables
 
 TRAIN = 256  # the tiny model's training length (tests/conftest.py)
 LB = {"qasper": 31.0, "narrativeqa": 17.0, "hotpotqa": 40.0, "gov_report": 25.0}  # longbench scores (×100)
@@ -73,24 +74,24 @@ def extra_records(model: str) -> list[dict]:
             for task, score in LB.items():
                 out.append(rec(f"longbench:{task}", rope, typed, n, model=model, train_len=TRAIN,
                                score=score + 10 * k - (5 if n > TRAIN else 0)))
-            for j, task in enumerate(("niah-single", "vt")):
-                out.append(rec(f"synthetic:{task}", rope, typed, n, model=model, train_len=TRAIN,
-                               accuracy=0.9 - 0.1 * j - (0.4 if n > TRAIN and k == 0 else 0)))
-            out.append(rec("lm-eval:toytask", rope, typed, n, model=model, train_len=TRAIN, loss=2.0 + k + n / 1000))
+            for j, task in enumerate(("niah-single", "variable-tracking")):
+                value = 0.9 - 0.1 * j - (0.4 if n > TRAIN and k == 0 else 0)
+                out.append(rec(f"synthetic:{task}", rope, typed, n, model=model, train_len=TRAIN, score=value,
+                               accuracy=value))
+            out.append({**rec("lm-eval:toytask", rope, typed, n, model=model, train_len=TRAIN, loss=2.0 + k + n / 1000),
+                        "data": {"higher_is_better": {"toytask": {"loss": False}}}})
     return out
 
 
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory, eval_dir, tiny_model_dir):
     """One report of the real records plus the hand-written ones (written once: figures take seconds)."""
-    from lctx import report
-
-    records = results.Store(eval_dir).records() + extra_records(str(tiny_model_dir))
+    records = view.newest(results.Store(eval_dir).read()) + extra_records(str(tiny_model_dir))
     for record in [r for r in records if r["task"] == "ppl" and r["length"] == 384]:  # both variants OOM at 1k
         records.append({**record, "length": 1024, "status": "oom", "metrics": {}, "error": "OutOfMemoryError: x"})
     out = tmp_path_factory.mktemp("report")
-    written = report.write(records, out, title="tiny <report>", description="two variants\nof a tiny model",
-                           source=str(eval_dir))
+    written = view.write(records, out, title="tiny <report>", description="two variants\nof a tiny model",
+                         source=str(eval_dir))
     return records, written
 
 
@@ -98,12 +99,12 @@ def full_report(tmp_path_factory, eval_dir, tiny_model_dir):
 
 
 def test_tables_from_real_records_hold_the_recorded_values(eval_dir) -> None:
-    records = results.Store(eval_dir).records()
-    built = {(t.task, t.metric): t for t in tables.build(records)}
+    records = view.newest(results.Store(eval_dir).read())
+    built = {(t.task, t.metric.name): t for t in tables.build(records)}
     assert set(built) == {("ppl", "ppl"), ("ppl", "last_k_ppl"), ("passkey", "accuracy")}
     ppl = built[("ppl", "ppl")]
     assert ppl.lengths == [128, 256, 384] and ppl.variants == ["none", "pi:factor=2"]
-    assert [ppl.header(n) for n in ppl.lengths] == ["128", "256", "384*"]  # past the training length: *
+    assert [ppl.header(j) for j in range(3)] == ["128", "256", "384*"]  # past the training length: *
     assert not ppl.higher_is_better
     for i, rope in enumerate(ppl.ropes):
         for j, n in enumerate(ppl.lengths):
@@ -111,7 +112,7 @@ def test_tables_from_real_records_hold_the_recorded_values(eval_dir) -> None:
             assert ppl.cells[i][j].value == r["metrics"]["ppl"]
     for j in range(len(ppl.lengths)):  # the best is the lowest perplexity of the column
         values = [ppl.cells[i][j].value for i in range(2)]
-        if tables.format_number(values[0], "ppl") != tables.format_number(values[1], "ppl"):
+        if tables.format_number(values[0], ppl.metric) != tables.format_number(values[1], ppl.metric):
             assert ppl.best(j) == {values.index(min(values))}
     passkey = built[("passkey", "accuracy")]
     assert passkey.pooled and passkey.higher_is_better
@@ -134,7 +135,7 @@ def test_best_is_direction_aware_and_ties_do_not_highlight() -> None:
                rec("passkey", "a:x=1", "a", 4096, depth=0.5, accuracy=1.0, correct=5, trials=5),
                rec("passkey", "b:x=1", "b", 4096, depth=0.5, accuracy=1.0, correct=5, trials=5)]
     ppl, acc = tables.build(records)
-    assert (ppl.metric, acc.metric) == ("ppl", "accuracy")
+    assert (ppl.metric.name, acc.metric.name) == ("ppl", "accuracy")
     assert ppl.best(0) == {1}  # lower perplexity wins
     assert ppl.best(1) == set()  # one value against an OOM: nothing to compare
     assert acc.best(0) == {0}  # higher accuracy wins
@@ -144,18 +145,22 @@ def test_best_is_direction_aware_and_ties_do_not_highlight() -> None:
     assert "| `a` | **80% [38–96]** | 100% [57–100] |" in tables.table_markdown(acc)
 
 
-def test_headline_metric_and_direction_for_known_and_unknown_tasks() -> None:
-    assert not cells.higher_is_better("ppl", "ppl") and cells.higher_is_better("passkey", "accuracy")
-    assert cells.table_metrics("ppl", ["nll", "ppl", "last_k_ppl", "tokens"]) == ["ppl", "last_k_ppl"]
-    assert cells.table_metrics("passkey", ["accuracy", "ci_low", "correct"]) == ["accuracy"]
-    # a task lctx does not know: a well-known metric, else the first that is not bookkeeping
-    assert cells.registered_task("mystery:task") is None
-    assert cells.table_metrics("mystery:task", ["f1", "score"]) == ["score"]
-    assert cells.table_metrics("mystery:task", ["tokens", "acc_stderr", "rouge_l", "bleu"]) == ["rouge_l"]
-    assert cells.higher_is_better("mystery:task", "rouge_l")
-    for metric in ("loss", "val_nll", "last_k_ppl", "perplexity"):
-        assert not cells.higher_is_better("mystery:task", metric), metric
-    assert cells.higher_is_better("longbench:qasper", "score") and cells.higher_is_better("synthetic:vt", "accuracy")
+def test_headline_metrics_and_directions_come_from_the_tasks() -> None:
+    """Tasks declare their metrics; lm-eval records carry lm-eval's own higher_is_better; tasks lctx does not know
+    are shown without a direction (never bolded, never gated) instead of a guess from the metric's name."""
+    def headline(*records) -> list[tuple[str, bool | None]]:
+        return [(m.name, m.higher_is_better) for m in frame.groups(list(records))[0].headline]
+
+    assert headline(rec(ppl=3.0, nll=1.1, last_k_ppl=4.0, tokens=9)) == [("ppl", False), ("last_k_ppl", False)]
+    assert headline(rec("passkey", accuracy=0.5, ci_low=0.1, correct=1, trials=2)) == [("accuracy", True)]
+    assert headline(rec("longbench:qasper", score=30.0)) == [("score", True)]
+    assert headline(rec("synthetic:niah-single", score=0.5, accuracy=0.5)) == [("score", True)]
+    lm = {"data": {"higher_is_better": {"t": {"acc": True, "perplexity": False}}}}
+    assert headline({**rec("lm-eval:t", score=0.6, acc=0.6, acc_stderr=0.1), **lm}) == [("score", True)]
+    assert headline({**rec("lm-eval:t", perplexity=9.0), **lm}) == [("perplexity", False)]  # lm-eval's direction
+    assert headline(rec("mystery:task", rouge_l=0.3, loss=2.0)) == [("rouge_l", None)]
+    mystery = tables.build([rec("mystery:task", rope="a:x=1", loss=2.0), rec("mystery:task", rope="b:x=1", loss=3.0)])
+    assert mystery[0].best(0) == set() and mystery[0].arrow == ""
 
 
 def test_csv_holds_full_precision_numbers_and_statuses() -> None:
@@ -192,16 +197,38 @@ def test_latex_is_a_booktabs_float_with_escapes_best_and_markers() -> None:
 # ---- figures -----------------------------------------------------------------------------------------------
 
 
-def test_variant_styles_are_stable_distinct_and_family_coloured() -> None:
-    labels = ["none", "ntk:factor=8", "ntk:factor=8:logn=true", "ntk:factor=4", "yarn:factor=4", "rerope:window=64",
-              "rerope:window=64:logn=true", "pi:factor=2", "self-extend", "my-variant"]
+def test_variant_styles_come_from_the_declared_families() -> None:
+    typed = ["none", "ntk:factor=8", "ntk:factor=8:logn=true", "ntk:factor=4", "dynamic-ntk:factor=4", "yarn:factor=4",
+             "rerope:window=64", "rerope:window=64:logn=true", "leaky-rerope:window=64", "pi:factor=2", "self-extend"]
+    labels = {patches.parse(t).resolve(2048).canonical: t for t in typed}
+    labels["my-variant:x=1"] = "my-variant"  # a variant this lctx does not know (old records)
     styles = plots.variant_styles(labels)
-    assert plots.variant_styles(reversed(labels)) == styles  # order of appearance does not matter
+    assert plots.variant_styles(dict(reversed(labels.items()))) == styles  # order of appearance does not matter
     assert len({s.color for s in styles.values()}) == len(labels)  # one colour per variant
-    assert styles["none"].color == "#000000" and styles["yarn:factor=4"].color == plots.FAMILY_COLORS["yarn"].lower()
-    subset = plots.variant_styles(["yarn:factor=4", "none", "pi:factor=2"])  # another run, other variants
-    assert all(subset[x] == styles[x] for x in subset)
+    assert styles["none"].color == "#000000" and styles["yarn:factor=4"].color == patches.FAMILIES["yarn"].color.lower()
+    assert styles["dynamic-ntk:factor=4"].marker == patches.FAMILIES["ntk"].markers[2]  # its place in its family
+    assert styles["leaky-rerope:window=64"].marker == patches.FAMILIES["rerope"].markers[1]
+    subset = plots.variant_styles({k: v for k, v in labels.items() if v in ("yarn:factor=4", "none", "pi:factor=2")})
+    assert all(subset[x] == styles[x] for x in subset)  # another run, other variants: the same styles
     assert styles["ntk:factor=8:logn=true"].linestyle == "--" and styles["ntk:factor=8"].linestyle == "-"
+    assert styles["my-variant"].color == plots.UNKNOWN_COLOR
+
+
+def test_a_new_variant_gets_its_familys_colour_without_touching_the_view() -> None:
+    """A variant registered with a family (here the ntk family) is styled from it: the view needs no edit."""
+    from lctx.patches import frequency
+
+    variant = patches.Variant(name="ntk-test", description="test", reference="-", params=(frequency.FACTOR,),
+                              patch=patches.REGISTRY["pi"].patch, family="ntk")
+    patches.register(variant)
+    try:
+        labels = {"ntk-test:factor=2:logn=false": "ntk-test", "pi:factor=2:logn=false": "pi"}
+        styles = plots.variant_styles(labels)
+        hue = lambda c: __import__("colorsys").rgb_to_hls(*__import__("matplotlib.colors").colors.to_rgb(c))[0]  # noqa: E731
+        assert hue(styles["ntk-test"].color) == pytest.approx(hue(patches.FAMILIES["ntk"].color), abs=0.01)
+        assert styles["ntk-test"].marker == patches.FAMILIES["ntk"].markers[3 % len(patches.FAMILIES["ntk"].markers)]
+    finally:
+        del patches.REGISTRY["ntk-test"]
 
 
 def _legend_colours(figure) -> dict[str, str]:
@@ -244,8 +271,8 @@ def test_figures_cover_every_task_with_one_colour_per_variant(full_report, tiny_
     assert len(oom) == 2  # each variant's OOM at 1024 is marked
 
     synthetic = by_stem[f"synthetic-{stem}"].figure
-    assert [ax.get_title() for ax in synthetic.axes if ax.get_visible()] == ["niah-single", "vt"]
-    vt = [ax for ax in synthetic.axes if ax.get_title() == "vt"][0]
+    assert [ax.get_title() for ax in synthetic.axes if ax.get_visible()] == ["niah-single", "variable-tracking"]
+    vt = [ax for ax in synthetic.axes if ax.get_title() == "variable-tracking"][0]
     none_line = [line for line in vt.lines if line.get_color() == seen["none"]][0]
     assert list(none_line.get_ydata()) == pytest.approx([0.8, 0.4])
 
@@ -256,9 +283,10 @@ def test_figures_cover_every_task_with_one_colour_per_variant(full_report, tiny_
 
 def test_longbench_figure_shows_category_means(full_report) -> None:
     records, _ = full_report
-    groups = [g for g in cells.groups(records) if g.task.startswith("longbench:")]
-    labels = cells.variant_labels(records)
-    figure = plots.longbench_by_category(groups, labels, plots.variant_styles(labels.values()))
+    groups = [g for g in frame.groups(records) if g.task.startswith("longbench:")]
+    labels = frame.variant_labels(records)
+    figure = plots.by_category(groups, labels, plots.variant_styles(labels),
+                               ("single-doc QA", "multi-doc QA", "summarization", "few-shot", "synthetic", "code"))
     top = figure.axes[0]  # length 128, within the training length
     assert [t.get_text() for t in top.get_xticklabels()] == ["single-doc QA", "multi-doc QA", "summarization",
                                                              "overall"]
@@ -282,7 +310,8 @@ def test_report_files_png_pdf_svg_tables(full_report) -> None:
         assert svg.tag.endswith("svg") and not svg.findall(".//{http://www.w3.org/2000/svg}text")  # text as paths
     markdown = (out / "tables.md").read_text()
     assert markdown.index("## ppl") < markdown.index("## passkey") < markdown.index("## longbench")
-    assert "### lm-eval:toytask · loss ↓" in markdown and "### synthetic:vt · accuracy ↑" in markdown
+    assert "### lm-eval:toytask · loss ↓" in markdown and "### synthetic:variable-tracking · score ↑" in markdown
+    assert "## summaries" in markdown and "LongBench by category" in markdown and "effective length" in markdown
     assert (out / "tables.tex").read_text().count(r"\begin{table}") == len(written.tables)
     for table in written.tables:
         assert (out / "tables" / f"{table.slug}.csv").is_file() and (out / "tables" / f"{table.slug}.tex").is_file()
@@ -383,7 +412,7 @@ def test_dashboard_renders_in_headless_chromium(full_report, tmp_path) -> None:
         assert complete and natural_width > 100 and shown_width > 100
     expected_rows = [len(t.variants) + 1 for t in written.tables]
     assert probe["tables"] == expected_rows
-    assert probe["best"] == sum(len(t.best(j)) for t in written.tables for j in range(len(t.lengths)))
+    assert probe["best"] == sum(len(t.best(j)) for t in written.tables for j in range(len(t.columns)))
 
 
 # ---- regression gate ---------------------------------------------------------------------------------------

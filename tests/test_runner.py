@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from lctx import results
+from lctx import engine, results, view
 from lctx.cli import app
+from lctx.data import content_fingerprint
 from lctx.evals import ppl
+from lctx.meter import Meter, is_oom
 
 TOPICS = ("assert", "attribute-access", "comparisons", "customization")
 
@@ -48,6 +50,10 @@ def docs(tmp_path) -> Path:
     for name in TOPICS[1:]:
         (folder / f"{name}.txt").write_text(topics[name])
     return folder
+
+
+def newest(out: Path) -> list[dict]:
+    return view.newest(results.Store(out).read())
 
 
 def records(out: Path) -> list[dict]:
@@ -88,7 +94,9 @@ def test_eval_records_every_cell_with_its_manifest(tiny_model_dir, tmp_path, doc
     assert [len(v) for v in by_task.values()] == [4, 8, 8]
 
     for row in by_task["ppl"]:
-        assert row["depth"] is None and row["config"]["mode"] == "truncated" and row["config"]["data"] == str(docs)
+        data_id = f"{docs}@{content_fingerprint(sorted(docs.glob('*.txt')))}"  # the corpus's content is its identity
+        assert row["depth"] is None and row["config"] == {"samples": 2, "stride": None, "last_k": 256, "data": data_id}
+        assert row["task_spec"] == f"ppl:samples=2:last_k=256:data={data_id}"
         assert row["data"]["skipped_short"] == 1 and row["data"]["documents"] == ["attribute-access.txt",
                                                                                    "comparisons.txt"]
         assert row["shared_forward"] == [200, 300]  # both variants are length-independent: one forward each
@@ -116,17 +124,19 @@ def test_eval_records_every_cell_with_its_manifest(tiny_model_dir, tmp_path, doc
             cells.setdefault((row["length"], row["depth"]), []).append(prompts)
         assert all(len(v) == 2 and v[0] == v[1] for v in cells.values())  # every variant saw the same prompts
     assert by_task["niah"][0]["config"]["needle"] == "The special magic number is {value}."
-    assert by_task["passkey"][0]["config"] == {"samples": 2, "seed": 0, "max_new_tokens": 3}
+    assert by_task["passkey"][0]["config"] == {"samples": 2, "seed": 0, "max_new_tokens": 3, "chat_template": False}
 
     assert manifest["status"] == "finished" and manifest["command"].startswith("lctx")
     assert manifest["lctx_version"] == "0.1.0"
     assert manifest["git"] is None or re.fullmatch(r"[0-9a-f]{40}", manifest["git"]["revision"])
     assert manifest["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert manifest["device"]["type"] == "cpu" and manifest["dtype"] == "float32" and manifest["attn"] == "sdpa"
-    assert manifest["seed"] == 0 and manifest["shard"] is None
+    assert manifest["shard"] is None and manifest["tasks"][1] == "passkey:samples=2:seed=0:max_new_tokens=3:" \
+        "chat_template=false"
     assert manifest["models"] == [{"model": str(tiny_model_dir), "train_len": 256}]
     assert manifest["cells"] == {"planned": 20, "skipped": 0, "ok": 20, "oom": 0, "error": 0, "interrupted": False}
-    assert manifest["options"]["lengths"] == [200, 300] and manifest["options"]["depths"] == [0.0, 1.0]
+    assert manifest["options"]["lengths"] == [200, 300] and manifest["options"]["task_defaults"]["depths"] == "[0,1]"
+    assert (out / "report" / "index.html").is_file() and any((out / "report" / "figures").glob("*.svg"))
     table = (out / "table.md").read_text()
     assert "| `none` |" in table and "| `yarn:factor=2` |" in table and "300*" in table
 
@@ -156,19 +166,19 @@ def test_resume_skips_recorded_cells_and_force_recomputes(tiny_model_dir, tmp_pa
     assert forced.exit_code == 0 and "4 to compute" in flat(forced.output) and "(--force" in flat(forced.output)
     rows = records(out)
     assert len(rows) == 8
-    latest = results.Store(out).records()
+    latest = newest(out)
     assert len(latest) == 4 and {r["run_id"] for r in latest} == {rows[-1]["run_id"]}  # the newest record wins
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(tiny_model_dir, tmp_path, docs, monkeypatch) -> None:
-    real = ppl.token_nll
+    real = engine.token_nll
 
-    def small_memory(model, ids, chunk=ppl.CHUNK):
+    def small_memory(model, ids, chunk=engine.CHUNK, skip=0):
         if len(ids) > 256:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, chunk)
+        return real(model, ids, chunk, skip)
 
-    monkeypatch.setattr(ppl, "token_nll", small_memory)
+    monkeypatch.setattr(engine, "token_nll", small_memory)
     out = tmp_path / "results"
     args = ppl_run(tiny_model_dir, out, docs, "--rope", "none,dynamic-ntk:factor=2")
     result = invoke(*args)
@@ -210,7 +220,7 @@ def test_an_error_exits_1_after_the_other_cells(tiny_model_dir, tmp_path, docs, 
     monkeypatch.setattr(ppl.Perplexity, "run", real)
     retry = invoke(*args)
     assert retry.exit_code == 0 and "2 already recorded" in flat(retry.output)  # only the errors are redone
-    assert {r["status"] for r in results.Store(out).records()} == {"ok"}
+    assert {r["status"] for r in newest(out)} == {"ok"}
 
 
 def test_ctrl_c_keeps_the_records_already_written(tiny_model_dir, tmp_path, docs, monkeypatch) -> None:
@@ -254,8 +264,8 @@ def test_shards_write_their_own_files_and_together_make_the_whole_plan(tiny_mode
     shard_keys = [{results.cell_key(json.loads(line)) for line in
                    (sharded / f"records-shard-{i}-of-2.jsonl").read_text().splitlines()} for i in (0, 1)]
     assert all(shard_keys) and not shard_keys[0] & shard_keys[1]  # both shards worked, on different cells
-    merged = {results.cell_key(r): r for r in results.Store(sharded).records()}
-    unsharded = {results.cell_key(r): r for r in results.Store(whole).records()}
+    merged = {results.cell_key(r): r for r in newest(sharded)}
+    unsharded = {results.cell_key(r): r for r in newest(whole)}
     assert set(merged) == shard_keys[0] | shard_keys[1] == set(unsharded) and len(merged) == 6
     for key, record in merged.items():
         assert record["metrics"]["ppl"] == pytest.approx(unsharded[key]["metrics"]["ppl"], rel=1e-6)
@@ -292,8 +302,6 @@ def test_dataset_offline_fails_before_the_model_loads(tiny_model_dir, tmp_path, 
 
 
 def test_out_of_memory_errors_are_told_apart_from_other_failures() -> None:
-    from lctx.runner import is_oom
-
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory")) and is_oom(MemoryError())
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 68719476736 bytes"))
@@ -302,8 +310,6 @@ def test_out_of_memory_errors_are_told_apart_from_other_failures() -> None:
 
 
 def test_meter_sees_a_cells_memory_and_time() -> None:
-    from lctx.runner import Meter
-
     with Meter(torch.device("cpu")) as meter:
         block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, every page touched
         float(block.sum())
@@ -316,8 +322,15 @@ def test_meter_sees_a_cells_memory_and_time() -> None:
     (["--task", "nope"], "unknown task 'nope'. Valid tasks: "),
     (["--lengths", "1x"], "invalid length '1x'"),
     (["--rope", "bogus"], "unknown RoPE variant 'bogus'. Valid variants: "),
-    (["--depths", "1.5"], "invalid depth '1.5': depths are fractions in [0, 1]"),
-    (["--stride", "400", "--lengths", "256"], "--stride 400 must be between 1 and each length"),
+    (["--task", "passkey", "--depths", "1.5"], "depths=[1.5] is not valid: depths (list of float ≥ 0 and ≤ 1"),
+    (["--stride", "400", "--lengths", "256"], "ppl: stride=400 must be at most each length (shortest: 256)"),
+    (["--needle", "x {value}"], "no selected task has a parameter 'needle'"),
+    (["--task-arg", "stirde=4"], "no selected task has a parameter 'stirde' (given as stirde=4); the selected "
+                                 "tasks' parameters: data, last_k, samples, stride, text_field"),
+    (["--task", "ppl:strde=4"], "ppl: unknown parameter 'strde'. Parameters: samples (int ≥ 1, default 1), stride"),
+    (["--samples", "0"], "ppl: samples=0 is not valid: samples (int ≥ 1, default 1)"),
+    (["--prefill-chunk", "-4"], "lctx eval: prefill_chunk=-4 is not valid: prefill_chunk (length ≥ 1, auto)"),
+    (["--dtype", "fp64"], "lctx eval: dtype=fp64 is not valid: dtype (text one of auto, fp32"),
 ])
 def test_bad_options_are_rejected_by_name(tiny_model_dir, tmp_path, args, message) -> None:
     result = invoke("eval", "--model", tiny_model_dir, "--out", tmp_path / "r", *args)
@@ -327,7 +340,7 @@ def test_bad_options_are_rejected_by_name(tiny_model_dir, tmp_path, args, messag
 def test_results_command_tables_filters_and_errors(tiny_model_dir, tmp_path, docs) -> None:
     out = tmp_path / "results"
     assert invoke(*ppl_run(tiny_model_dir, out, docs, "--rope", "none,pi:factor=2")).exit_code == 0
-    latest = {(r["rope"].split(":")[0], r["length"]): r["metrics"] for r in results.Store(out).records()}
+    latest = {(r["rope"].split(":")[0], r["length"]): r["metrics"] for r in newest(out)}
 
     shown = invoke("results", out)
     text = flat(shown.output)

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lctx import patches, results, runner
+from lctx import patches, plan, results, sweep, view
 from lctx.cli import app
-from lctx.report import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def wide_console(monkeypatch) -> None:
     from lctx import cli
 
-    monkeypatch.setattr(cli.console, "width", 200)
+    # the attribute, not the property: monkeypatch's undo must restore "no fixed width", not pin today's 80
+    monkeypatch.setattr(cli.console, "_width", 200)
 
 
 def write(path: Path, text: str) -> Path:
@@ -30,14 +30,14 @@ def write(path: Path, text: str) -> Path:
 def test_su_table_experiment_plans_its_grid() -> None:
     experiment = sweep.load(ROOT / "experiments" / "su-table.toml")
     assert experiment.name == "su-table" and "ReRoPE" in experiment.description
-    assert experiment.options == {"samples": 4, "last_k": 64}
-    options = experiment.eval_options(Path("results") / experiment.name)
-    assert (options.samples, options.last_k, options.lengths) == (4, 64, [128, 512, 1024])
-    plan = runner.plan(options)
-    assert plan.total_cells == 6 * 3 and plan.train_lens == {"tests/data/toy-byte-128": 128}
-    ropes = {unit.spec.canonical for unit in plan.units}
+    assert experiment.task_defaults == {"samples": 4, "last_k": 64} and experiment.settings == {}
+    options = experiment.run_options(Path("results") / experiment.name)
+    assert options.lengths == [128, 512, 1024]
+    the_plan = plan.plan(options)
+    assert the_plan.total_cells == 6 * 3 and the_plan.train_lens == {"tests/data/toy-byte-128": 128}
+    ropes = {unit.spec.canonical for unit in the_plan.units}
     assert "rerope:window=64:logn=true" in ropes and "ntk:alpha=8:logn=true" in ropes
-    assert {unit.config["last_k"] for unit in plan.units} == {64}
+    assert {unit.task.spec for unit in the_plan.units} == {"ppl:samples=4:last_k=64:data=pydoc"}
 
 
 def test_smollm2_experiment_compares_variants_past_the_training_length() -> None:
@@ -47,8 +47,8 @@ def test_smollm2_experiment_compares_variants_past_the_training_length() -> None
     assert len(experiment.ropes) >= 5 and "none" in experiment.ropes
     for spec in patches.parse_list(experiment.ropes):  # every variant resolves against an 8192 training length
         spec.resolve(8192, None)
-    options = experiment.eval_options(Path("out"))
-    assert options.depths == [0.0, 0.25, 0.5, 0.75, 1.0] and options.samples == 4
+    options = experiment.run_options(Path("out"))
+    assert options.task_defaults == {"samples": 4, "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "last_k": 256}
 
 
 def test_sweep_runs_resumes_and_reports_its_own_cells(tiny_model_dir, tmp_path, monkeypatch) -> None:
@@ -71,12 +71,13 @@ device = "cpu"
     done = invoke(app, ["sweep", "exp.toml"])
     assert done.exit_code == 0, done.output
     records_dir, report_dir = tmp_path / "results" / "tiny-sweep", tmp_path / "report" / "tiny-sweep"  # defaults
-    records = results.Store(records_dir).records()
+    records = view.newest(results.Store(records_dir).read())
     assert sorted((r["rope_input"], r["length"], r["status"]) for r in records) == [
         ("none", 128, "ok"), ("none", 384, "ok"), ("pi:factor=2", 128, "ok"), ("pi:factor=2", 384, "ok")]
     assert {r["config"]["last_k"] for r in records} == {32}
     manifest = json.loads(next(records_dir.glob("manifest-*.json")).read_text())
-    assert manifest["status"] == "finished" and manifest["options"]["samples"] == 1
+    assert manifest["status"] == "finished" and manifest["options"]["task_defaults"] == {"samples": 1, "last_k": 32}
+    assert manifest["options"]["dtype"] == "float32" and manifest["options"]["device"] == "cpu"
     index = (report_dir / "index.html").read_text()
     assert "two variants of a tiny model" in index and "<h1>tiny-sweep</h1>" in index
     assert (report_dir / "figures" / f"ppl-ppl-{Path(tiny_model_dir).name}.png").is_file()
@@ -100,7 +101,7 @@ def _error(tmp_path: Path, text: str) -> str:
     return str(err.value)
 
 
-GRID = 'models = ["m"]\nropes = ["none"]\ntasks = ["ppl"]\nlengths = [1024]\n'
+GRID = 'models = ["m"]\nropes = ["none"]\ntasks = ["ppl", "passkey"]\nlengths = [1024]\n'
 
 
 def test_experiment_errors_name_the_key_and_the_valid_choices(tmp_path) -> None:
@@ -108,48 +109,55 @@ def test_experiment_errors_name_the_key_and_the_valid_choices(tmp_path) -> None:
     assert "unknown key(s) 'lenghts'" in message and "name, description, models, ropes, tasks, lengths, options" \
         in message
     message = _error(tmp_path, GRID + "[options]\nsample = 3\n")
-    assert "unknown option 'sample'" in message and "samples" in message and "last_k" in message
-    assert ", ".join(sweep.option_names()) in message
+    assert "no selected task has a parameter 'sample' (given as sample=3)" in message
+    assert "the selected tasks' parameters: chat_template, data, depths, last_k" in message
     assert "lctx sweep --force" in _error(tmp_path, GRID + "[options]\nforce = true\n")
-    assert "samples = 'four': expected an integer" in _error(tmp_path, GRID + '[options]\nsamples = "four"\n')
-    assert "chat_template = 1: expected true or false" in _error(tmp_path, GRID + "[options]\nchat_template = 1\n")
-    assert "invalid depth '2'" in _error(tmp_path, GRID + "[options]\ndepths = [0, 2]\n")
+    assert "samples=four is not valid: samples (int ≥ 1" in _error(tmp_path, GRID + '[options]\nsamples = "four"\n')
+    assert "samples=0 is not valid" in _error(tmp_path, GRID + "[options]\nsamples = 0\n")  # the CLI's bounds too
+    assert "samples=-2 is not valid" in _error(tmp_path, GRID + "[options]\nsamples = -2\n")
+    message = _error(tmp_path, GRID + "[options]\nchat_template = 1\n")
+    assert "chat_template=1 is not valid: chat_template (bool" in message
+    assert "depths=[0,2] is not valid" in _error(tmp_path, GRID + "[options]\ndepths = [0, 2]\n")
+    assert "max_memory" in _error(tmp_path, GRID + "[options]\nmax_memory = -1\n")
+    assert "prefill_chunk=-4 is not valid" in _error(tmp_path, GRID + "[options]\nprefill_chunk = -4\n")
     assert "missing ropes" in _error(tmp_path, 'models = ["m"]\ntasks = ["ppl"]\nlengths = [1]\n')
     assert "invalid length '4q'" in _error(tmp_path, GRID.replace("[1024]", '["4q"]'))
     assert "ropes must be a non-empty list of strings" in _error(tmp_path, GRID.replace('["none"]', "[]"))
+    assert "unknown parameter 'strde'" in _error(tmp_path, GRID.replace('"ppl"', '"ppl:strde=4"'))
     assert "name 'a b'" in _error(tmp_path, 'name = "a b"\n' + GRID)
     assert "not a valid TOML file" in _error(tmp_path, GRID + "[options\n")
     with pytest.raises(sweep.ExperimentError, match="does not exist"):
         sweep.load(tmp_path / "missing.toml")
 
 
-def test_options_table_maps_onto_eval_options(tmp_path) -> None:
-    experiment = sweep.load(write(tmp_path / "e.toml", GRID + '''
+def test_options_table_sets_run_settings_and_task_parameters(tmp_path) -> None:
+    experiment = sweep.load(write(tmp_path / "e.toml", GRID.replace('"passkey"', '"niah"') + '''
 [options]
-depths = "0,0.5"
+depths = "[0,0.5]"
 target_len = "16k"
 train_len = 2048
 stride = 256
-task_args = { threshold = 85.6, strict = true, name = "x" }
-data_dir = "data/longbench"
 chat_template = true
 max_new_tokens = 8
 needle = "The key is {value}."
+max_memory = "3GiB"
 '''))
     assert experiment.name == "e"  # the file's stem when the file names none
-    options = experiment.eval_options(tmp_path / "out", force=True, shard=(0, 2), argv=["lctx", "sweep"])
-    assert options.depths == [0.0, 0.5] and options.target_len == 16384 and options.train_len == 2048
-    assert options.task_args == {"threshold": "85.6", "strict": "true", "name": "x"}
-    assert options.data_dir == Path("data/longbench") and options.chat_template is True
-    assert (options.stride, options.max_new_tokens, options.needle) == (256, 8, "The key is {value}.")
+    options = experiment.run_options(tmp_path / "out", force=True, shard=(0, 2), argv=["lctx", "sweep"])
+    assert (options.target_len, options.train_len, options.max_memory) == (16384, 2048, 3 * 2**30)
     assert (options.out, options.force, options.shard) == (tmp_path / "out", True, (0, 2))
+    from lctx import evals
+
+    ppl, niah = evals.resolve(options.tasks, options.task_defaults)
+    assert ppl.args.stride == 256 and niah.args.depths == [0.0, 0.5] and niah.args.needle == "The key is {value}."
+    assert niah.args.chat_template is True and niah.args.max_new_tokens == 8
 
 
 def test_sweep_cli_usage_errors(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     invoke = CliRunner().invoke
     done = invoke(app, ["sweep", str(write(tmp_path / "e.toml", GRID + "[options]\nsamplez = 1\n"))])
-    assert done.exit_code == 2 and "unknown option 'samplez'" in done.output
+    assert done.exit_code == 2 and "no selected task has a parameter 'samplez'" in done.output
     done = invoke(app, ["sweep", str(write(tmp_path / "t.toml", GRID.replace('"ppl"', '"pll"')))])
     assert done.exit_code == 2 and "unknown task 'pll'" in done.output and "passkey" in done.output
     assert not (tmp_path / "results").exists()
@@ -161,7 +169,8 @@ def test_su_table_sweep_end_to_end(tmp_path) -> None:
     done = CliRunner().invoke(app, ["sweep", str(ROOT / "experiments" / "su-table.toml"), "--out",
                                     str(tmp_path / "results"), "--report", str(tmp_path / "report")])
     assert done.exit_code == 0, done.output
-    records = {(r["rope_input"], r["length"]): r["metrics"] for r in results.Store(tmp_path / "results").records()}
+    newest = view.newest(results.Store(tmp_path / "results").read())
+    records = {(r["rope_input"], r["length"]): r["metrics"] for r in newest}
     assert len(records) == 18
     # the figure's point: past the training length ReRoPE keeps perplexity low, the unpatched model does not
     assert records[("rerope:window=64", 1024)]["ppl"] < records[("none", 1024)]["ppl"] / 2

@@ -20,17 +20,8 @@ forward each, so each is scaled for its own context + continuation, left-truncat
 prompt + ``max_gen_toks`` (the padded batch's prompt), as lctx's own generation tasks do, so the prefill and
 every decoding step share one set of frequencies.
 
-**lm-eval tasks in lctx eval.** ``--task lm-eval:<task>[,<task>]`` (a task or group name lm-eval knows; with
-``--data-dir DIR``, also the task YAMLs in DIR, lm-eval's ``--include_path``) runs
-``lm_eval.simple_evaluate`` on the loaded model under each variant. A cell's **length is the max_length
-given to the model**: lm-eval left-truncates longer inputs to it (generation prompts to it minus the tokens
-to generate); shorter inputs are unchanged, so only tasks with inputs that long vary with it. ``--samples N``
-is lm-eval's ``limit`` (first N documents; default all), ``--seed`` its random seed (0, with numpy, torch
-and few-shot seeds 1234 + seed: lm-eval's defaults), ``--chat-template`` its ``apply_chat_template``,
-``--max-new-tokens`` its ``max_gen_toks``; ``--task-arg num_fewshot=K`` and ``--task-arg batch_size=B`` pass
-through. Each record holds every metric lm-eval reports for the task (``acc``, ``acc_stderr``, …; a filter
-other than ``none`` is appended as ``metric:filter``) and ``score``: the first of them that lm-eval marks
-higher-is-better (perplexity-only tasks have none). A group's subtasks are the record's samples.
+**lm-eval tasks in lctx eval** (``lm-eval:<task>``) are :mod:`lctx.evals.lm_eval_task`, which imports this
+module only when it runs one (importing lctx never imports lm-eval).
 """
 
 from __future__ import annotations
@@ -47,15 +38,18 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from lctx import models, patches
-from lctx.evals import Cell, Context, EvalOptions, Outcome, Report, Task, TaskError, forward_cost, register_family
+from lctx.engine import Engine
+from lctx.evals import TaskError
+from lctx.options import RUN_PARAMS
 from lctx.patches import RopeSpec
+from lctx.spec import SpecError
 
-PREFIX = "lm-eval"
 # HFLM arguments that still mean something when lctx loads the model (the others configure loading)
 HFLM_ARGS = ("batch_size", "max_batch_size", "max_length", "truncation", "logits_cache", "add_bos_token",
              "prefix_token_id", "softmax_dtype", "mixed_precision_dtype", "think_end_token", "enable_thinking",
              "chat_template_args")
 LCTX_ARGS = ("pretrained", "rope", "train_len", "target_len", "dtype", "device", "attn", "device_map")
+TRAIN_LEN, TARGET_LEN = (next(p for p in RUN_PARAMS if p.name == name) for name in ("train_len", "target_len"))
 
 
 class ModelArgError(ValueError):
@@ -66,7 +60,8 @@ class ModelArgError(ValueError):
 class LctxLM(HFLM):
     """lm-eval's HF model with an lctx RoPE variant applied for its lifetime (see the module docstring)."""
 
-    def __init__(self, pretrained: str | models.Loaded = models.DEFAULT_MODEL, rope: str | RopeSpec | None = "none",
+    def __init__(self, pretrained: str | models.Loaded | Engine = models.DEFAULT_MODEL,
+                 rope: str | RopeSpec | None = "none",
                  train_len: int | None = None, target_len: int | None = None, dtype: str = "auto",
                  device: str | None = "auto", attn: str = "sdpa", device_map: str | None = None,
                  **kwargs: Any) -> None:
@@ -75,21 +70,29 @@ class LctxLM(HFLM):
             raise ModelArgError(f"lctx model: unknown model argument(s) {', '.join(map(repr, unknown))}. "
                                 f"Valid: {', '.join(LCTX_ARGS + HFLM_ARGS)}")
         spec = rope if isinstance(rope, RopeSpec) else patches.parse("none" if rope is None else str(rope))
-        if isinstance(pretrained, models.Loaded):
-            loaded = pretrained
+        try:  # lm-eval hands model arguments over as text: checked by the same declarations as lctx eval's
+            train_len = None if train_len is None else TRAIN_LEN.convert(train_len, "lctx model")
+            target_len = None if target_len is None else TARGET_LEN.convert(target_len, "lctx model")
+        except SpecError as err:
+            raise ModelArgError(str(err)) from None
+        if isinstance(pretrained, Engine):
+            engine = pretrained
+        elif isinstance(pretrained, models.Loaded):
+            engine = Engine.from_loaded(pretrained)
         else:
             loaded = models.load(str(pretrained), dtype=str(dtype), device=_device(device), attn=attn,
-                                 train_len=None if train_len is None else int(train_len), device_map=device_map)
-        target = None if target_len is None else int(target_len)
-        self.spec = spec if spec.resolved else spec.resolve(loaded.train_len, target)  # a bad spec fails here
+                                 train_len=train_len, device_map=device_map)
+            engine = Engine.from_loaded(loaded)
+        target = target_len
+        self.spec = spec if spec.resolved else spec.resolve(engine.train_len, target)  # a bad spec fails here
         if kwargs.get("max_length") is None and target is not None:
             kwargs["max_length"] = target
-        with _quiet():  # HFLM warns that a model object (not a name) was passed: that is how lctx works
-            super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, **kwargs)
-        self.loaded = loaded
-        self.train_len = loaded.train_len
+        with quiet():  # HFLM warns that a model object (not a name) was passed: that is how lctx works
+            super().__init__(pretrained=engine.model, tokenizer=engine.tokenizer, **kwargs)
+        self.engine = engine
+        self.train_len = engine.train_len
         self._patch = contextlib.ExitStack()
-        self._patch.enter_context(patches.apply(loaded.model, self.spec, self.train_len))
+        self._patch.enter_context(self.engine.session(self.spec))
 
     def close(self) -> None:
         """Take the patch off (the model is bit-exactly as loaded again)."""
@@ -107,16 +110,16 @@ class LctxLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         self._patch.close()
         try:
-            with patches.apply(self.model, self.spec, self.train_len, seq_len=int(max_length)):
+            with self.engine.session(self.spec, seq_len=int(max_length)):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
         finally:
             self._patch = contextlib.ExitStack()
-            self._patch.enter_context(patches.apply(self.model, self.spec, self.train_len))
+            self._patch.enter_context(self.engine.session(self.spec))
 
     def get_model_info(self) -> dict[str, Any]:
         """What lm-eval stores about the model, without its hub lookup (lctx models may be local or offline)."""
         return {"model_num_parameters": self.model.num_parameters(), "model_dtype": str(self.model.dtype),
-                "model_revision": None, "model_sha": "", "lctx_model": self.loaded.name,
+                "model_revision": None, "model_sha": "", "lctx_model": self.engine.name,
                 "lctx_rope": self.spec.canonical, "lctx_train_len": self.train_len}
 
 
@@ -128,7 +131,7 @@ def _device(device: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """lm-eval's logger at ERROR for the block (its warnings about lctx's own choices are noise)."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
@@ -154,7 +157,7 @@ def cli(args: list[str]) -> int:
     return 0
 
 
-# ---- lm-eval tasks in lctx eval -----------------------------------------------------------------------------
+# ---- helpers of lctx.evals.lm_eval_task --------------------------------------------------------------------
 
 _MANAGERS: dict[tuple[str | None, bool], Any] = {}
 
@@ -168,7 +171,7 @@ def task_manager(include: Path | None, name: str):
     for path, defaults in attempts:
         key = (path, defaults)
         if key not in _MANAGERS:
-            with _quiet():
+            with quiet():
                 _MANAGERS[key] = TaskManager(include_path=path, include_defaults=defaults)
         manager = _MANAGERS[key]
         if name in manager.all_tasks:
@@ -178,19 +181,6 @@ def task_manager(include: Path | None, name: str):
                     + ". `lctx lm-eval ls tasks` lists lm-eval's tasks"
                     + (f"; {str(include)!r} (--data-dir) has no such task YAML" if include else
                        "; give local task YAMLs with --data-dir DIR"))
-
-
-def _int_arg(options: EvalOptions, key: str, minimum: int) -> int | None:
-    raw = options.task_args.get(key)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise TaskError(f"--task-arg {key}={raw!r} must be an integer ≥ {minimum}")
-    return value
 
 
 def flatten(entry: dict[str, Any]) -> dict[str, float]:
@@ -210,98 +200,3 @@ def headline(metrics: dict[str, float], higher: dict[str, bool]) -> str | None:
         if not name.split(":")[0].endswith("_stderr") and higher.get(name.split(":")[0]) is True:
             return name
     return None
-
-
-class LmEvalTask(Task):
-    """One lm-eval task (or group) evaluated per length under each variant (see the module docstring)."""
-
-    metric = "score"
-    higher_is_better = True
-    memory_profile = "logits"  # HFLM scores continuations from every position's logits
-    description = "an lm-eval task or group, run by lm_eval.simple_evaluate on the patched model"
-
-    def __init__(self, task: str) -> None:
-        self.task = task
-        self.name = f"{PREFIX}:{task}"
-
-    def memory_batch(self, options: EvalOptions) -> int:
-        return _int_arg(options, "batch_size", 1) or 1
-
-    def samples(self, options: EvalOptions) -> int | None:  # type: ignore[override]
-        return options.samples  # None: every document
-
-    def config(self, options: EvalOptions) -> dict[str, Any]:
-        return {"limit": options.samples, "seed": options.seed, "chat_template": options.chat_template,
-                "max_new_tokens": options.max_new_tokens, "num_fewshot": _int_arg(options, "num_fewshot", 0),
-                "batch_size": _int_arg(options, "batch_size", 1) or 1,
-                "include": None if options.data_dir is None else str(Path(options.data_dir).resolve())}
-
-    def validate(self, options: EvalOptions) -> None:
-        self.config(options)
-        if options.data_dir is not None and not Path(options.data_dir).is_dir():
-            raise TaskError(f"--data-dir {str(options.data_dir)!r} is not a directory (lm-eval tasks: a directory "
-                            "of task YAMLs)")
-
-    def cost(self, cells: list[Cell], options: EvalOptions) -> float:
-        return sum(forward_cost(c.length) for c in cells) * (options.samples or 100)
-
-    def check(self, ctx: Context, cells: list[Cell]) -> None:
-        task_manager(ctx.options.data_dir, self.task)
-
-    def run(self, ctx: Context, spec: RopeSpec, cells: list[Cell], report: Report) -> dict[Cell, Outcome]:
-        import lm_eval
-
-        options = ctx.options
-        config = self.config(options)
-        manager = task_manager(options.data_dir, self.task)
-        outcomes = {}
-        for cell in cells:
-            with _quiet(), LctxLM(ctx.loaded, rope=spec, max_length=cell.length,
-                                  batch_size=config["batch_size"]) as lm:
-                out = lm_eval.simple_evaluate(
-                    model=lm, tasks=[self.task], num_fewshot=config["num_fewshot"], limit=options.samples,
-                    task_manager=manager, apply_chat_template=options.chat_template, log_samples=False,
-                    gen_kwargs=None if options.max_new_tokens is None else {"max_gen_toks": options.max_new_tokens},
-                    random_seed=options.seed, numpy_random_seed=1234 + options.seed,
-                    torch_random_seed=1234 + options.seed, fewshot_random_seed=1234 + options.seed)
-            outcomes[cell] = self.outcome(out, cell)
-            report(self.cost([cell], options))
-        return outcomes
-
-    def outcome(self, out: dict[str, Any], cell: Cell) -> Outcome:
-        """lm-eval's results as a record: the task's (or group's) metrics, and its subtasks' as samples."""
-        entry = out.get("groups", {}).get(self.task) or out["results"][self.task]
-        metrics = flatten(entry)
-        higher = {k: v for part in out.get("higher_is_better", {}).values() for k, v in part.items()}
-        score = headline(metrics, higher)
-        if score is not None:
-            metrics = {"score": metrics[score], **metrics}
-        subtasks = [{"task": name, **flatten(values)} for name, values in out["results"].items() if name != self.task]
-        n_samples = out.get("n-samples", {})
-        return Outcome(metrics=metrics, samples=subtasks, data={
-            "lm_eval_task": self.task, "score_metric": score, "max_length": cell.length,
-            "documents": {k: v.get("effective") for k, v in n_samples.items()},
-            "versions": out.get("versions", {}), "higher_is_better": out.get("higher_is_better", {}),
-            "lm_eval_version": _version()})
-
-
-def _version() -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("lm_eval")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-_TASKS: dict[str, LmEvalTask] = {}
-
-
-def expand(member: str) -> list[Task]:
-    """One lm-eval task per name (the same object for the same name, so repeats are dropped)."""
-    if not member.strip():
-        raise TaskError(f"empty lm-eval task name: use {PREFIX}:<task>[,<task>]")
-    return [_TASKS.setdefault(member, LmEvalTask(member))]
-
-
-register_family(PREFIX, expand, "any lm-eval task or group")

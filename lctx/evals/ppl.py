@@ -1,92 +1,42 @@
 """Perplexity (``ppl``): truncated (default) or sliding-window, memory-lean, token-weighted.
 
-Truncated mode: for each length L, the first L tokens of each of ``--samples`` documents (documents shorter
-than L are skipped, never padded). PPL = exp(mean NLL over the L−1 predicted tokens), token-weighted over
-documents. The tokenizer is used as is: when it adds a BOS it is the first of the L tokens (recorded as
-``data.bos_added``).
+Truncated mode: for each length L, the first L tokens of each of ``samples`` documents (documents shorter than L
+are skipped, never padded). PPL = exp(mean NLL over the L−1 predicted tokens), token-weighted over documents. The
+tokenizer is used as is: when it adds a BOS it is the first of the L tokens (recorded as ``data.bos_added``).
 
-Sliding-window mode (``--stride S``): each selected document is scored in full with windows of L tokens
-moved by S; every token is scored exactly once, with up to L−1 tokens of context (the first window scores
-all of its tokens, later ones only their last S), so all lengths and variants score the same tokens.
+Sliding-window mode (``stride=S``): each selected document is scored in full with windows of L tokens moved by
+S; every token is scored exactly once, with up to L−1 tokens of context (the first window scores all of its
+tokens, later ones only their last S), so all lengths and variants score the same tokens.
 
-Both modes record the loss by position bucket (8 equal buckets of window position over [0, L)) and the
-loss on the last ``--last-k`` positions of the window.
+Both modes record the loss by position bucket (8 equal buckets of window position over [0, L)) and the loss on
+the last ``last_k`` positions of the window.
 
-Memory: logits for the whole sequence are never materialised. The base model returns final hidden states
-(O(L·d)); the LM head and the cross-entropy run over chunks of :data:`CHUNK` positions with float32 logits,
-and sums accumulate in float64. For variants whose output at a position does not depend on the total length
-(``spec.length_dependent`` false), all lengths of a document come from one forward at the longest length:
-by causality the per-token NLLs of a prefix are those of the shorter forward.
+The engine computes the loss without materialising every position's logits (:mod:`lctx.engine`). For variants
+whose output at a position does not depend on the total length (``spec.length_dependent`` false), all lengths of
+a document come from one forward at the longest length: by causality the per-token NLLs of a prefix are those of
+the shorter forward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from lctx import data, patches
-from lctx.evals import Cell, Context, EvalOptions, Outcome, Report, Task, TaskError, forward_cost, register
+from lctx import data
+from lctx.engine import Engine, Session
+from lctx.evals import DATA, TEXT_FIELD, Cell, Metric, Outcome, Report, Task, TaskError, TaskType, forward_cost
 from lctx.patches import RopeSpec
+from lctx.spec import Param, Tokens
 
-CHUNK = 1024
 BUCKETS = 8
 
 
-@torch.inference_mode()
-def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states ``(n, d)`` of the base model for one sequence of token ids ``(n,)``."""
-    device = model.get_input_embeddings().weight.device
-    out = model.base_model(input_ids=ids[None].to(device), use_cache=False)
-    return out.last_hidden_state[0]
-
-
-@torch.inference_mode()
-def nll_from_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """Per-position NLL (float32) of ``targets[i]`` given ``hidden[i]``, LM head applied ``chunk`` rows at a time."""
-    head = model.get_output_embeddings()
-    device = head.weight.device
-    process = patches.arch.logits_processor(model)  # the forward's own soft-cap, logit scale, … in its dtype
-    out = torch.empty(len(targets), dtype=torch.float32)
-    for start in range(0, len(targets), chunk):
-        end = min(start + chunk, len(targets))
-        logits = process(head(hidden[start:end].to(device))).float()
-        out[start:end] = F.cross_entropy(logits, targets[start:end].to(device), reduction="none").cpu()
-    return out
-
-
-def token_nll(model, ids: torch.Tensor | list[int], chunk: int = CHUNK) -> torch.Tensor:
-    """NLL of tokens 1..n−1 of ``ids`` (float32, length n−1), as ``cross_entropy(model(ids).logits[:-1], ids[1:])``."""
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    if ids.numel() < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
-    return nll_from_hidden(model, hidden_states(model, ids)[:-1], ids[1:], chunk)
-
-
-def check_head(model, ids: torch.Tensor | list[int], tokens: int = 64) -> None:
-    """Raise TaskError when :func:`token_nll` does not reproduce ``model(ids).logits`` on a short prefix.
-
-    The memory-lean path applies the output embedding (and a final logit soft-cap) itself; a model whose
-    forward post-processes logits in another way (a logit scale, an added bias) would get wrong perplexities
-    without a word. Tolerances allow for bf16.
-    """
-    ids = torch.as_tensor(ids[:tokens], dtype=torch.long)
-    lean = token_nll(model, ids)
-    device = model.get_input_embeddings().weight.device
-    with torch.inference_mode():
-        logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float()
-    plain = F.cross_entropy(logits, ids[1:].to(logits.device), reduction="none").cpu()
-    if not torch.allclose(lean, plain, rtol=0.02, atol=0.05):
-        worst = float((lean - plain).abs().max())
-        raise TaskError(f"ppl: the chunked LM head differs from {type(model).__name__}'s own logits by up to "
-                        f"{worst:.3g} nats per token; this architecture post-processes its logits in a way "
-                        "lctx does not reproduce, so its perplexity would be wrong")
-
-
-def sliding_nll(model, ids: torch.Tensor | list[int], window: int, stride: int,
-                chunk: int = CHUNK, report=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sliding_nll(session: Session, ids: torch.Tensor | list[int], window: int, stride: int,
+                report: Report | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every token 1..n−1 scored once with windows of ``window`` tokens moved by ``stride``.
 
     Returns (nll, position of each scored token inside its window); the first window scores positions
@@ -100,10 +50,8 @@ def sliding_nll(model, ids: torch.Tensor | list[int], window: int, stride: int,
     for begin in range(0, ids.numel(), stride):
         end = min(begin + window, ids.numel())
         first = max(previous_end, begin + 1)  # first target scored in this window
-        hidden = hidden_states(model, ids[begin:end])
-        rows = torch.arange(first - begin - 1, end - begin - 1)
-        nlls.append(nll_from_hidden(model, hidden[rows], ids[first:end], chunk))
-        positions.append(rows + 1)
+        nlls.append(session.nll(ids[begin:end], skip=first - begin - 1))
+        positions.append(torch.arange(first - begin, end - begin))
         if report is not None:
             report(forward_cost(end - begin))
         previous_end = end
@@ -159,66 +107,58 @@ def aggregate(samples: list[dict[str, Any]], length: int) -> dict[str, Any]:
     }
 
 
-@register
 class Perplexity(Task):
-    name = "ppl"
-    description = "perplexity of the first L tokens of each document (or sliding windows with --stride)"
-    metric = "ppl"
-    higher_is_better = False
-    default_samples = 1
-    uses_corpus = True
+    description = "perplexity of the first L tokens of each document (or sliding windows with stride)"
+    params = (Param("samples", int, 1, "documents per length", ge=1),
+              Param("stride", Tokens, None, "sliding-window mode: windows of L tokens moved by this many", ge=1),
+              Param("last_k", int, 256, "also report the loss on the last k positions of the window", ge=1),
+              DATA, TEXT_FIELD)
+    metrics = (Metric("ppl", False, headline=True, label="perplexity, whole window"),
+               Metric("last_k_ppl", False, headline=True, label="perplexity, last {last_k} tokens"),
+               Metric("nll", False, label="NLL (nats)"), Metric("last_k_nll", False, label="NLL (nats)"))
+    figures = ("lines", "position_loss")
     memory_profile = "loss"
 
-    def config(self, options: EvalOptions) -> dict[str, Any]:
-        return {
-            "mode": "sliding" if options.stride else "truncated",
-            "stride": options.stride,
-            "last_k": options.last_k,
-            "samples": self.samples(options),
-            "data": _data_id(options),
-        }
+    @functools.cached_property
+    def corpus(self) -> data.Corpus:
+        return data.corpus(self.args.data, self.args.text_field)
 
-    def validate(self, options: EvalOptions) -> None:
-        if options.stride is not None:
-            too_long = [n for n in options.lengths if options.stride > n]
-            if options.stride < 1 or too_long:
-                raise TaskError(f"--stride {options.stride} must be between 1 and each length "
-                                f"(shortest: {min(options.lengths)})")
-        if options.last_k < 1:
-            raise TaskError(f"--last-k {options.last_k} must be at least 1")
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "data": self.corpus.id}
 
-    def groups(self, spec: RopeSpec, cells: list[Cell], options: EvalOptions) -> list[list[Cell]]:
-        if options.stride or spec.length_dependent or len(cells) < 2:
+    def validate(self) -> None:
+        _ = self.corpus  # a bad data path fails here, before any model loads
+
+    def check_lengths(self, lengths: Sequence[int]) -> None:
+        if self.args.stride is not None and self.args.stride > min(lengths):
+            raise TaskError(f"ppl: stride={self.args.stride} must be at most each length (shortest: {min(lengths)})")
+
+    def groups(self, spec: RopeSpec, cells: list[Cell]) -> list[list[Cell]]:
+        if self.args.stride or spec.length_dependent or len(cells) < 2:
             return [[cell] for cell in cells]
         return [sorted(cells, key=lambda c: c.length)]
 
-    def cost(self, cells: list[Cell], options: EvalOptions) -> float:
-        samples = self.samples(options)
-        if options.stride:  # rough: a long document at every length
-            return sum(forward_cost(c.length) * 16 * c.length / options.stride for c in cells) * samples
+    def cost(self, cells: list[Cell]) -> float:
+        samples, stride = self.args.samples, self.args.stride
+        if stride:  # rough: a long document at every length
+            return sum(forward_cost(c.length) * 16 * c.length / stride for c in cells) * samples
         return forward_cost(max(c.length for c in cells)) * samples
 
-    def check(self, ctx: Context, cells: list[Cell]) -> None:
-        samples = self.samples(ctx.options)
+    def check(self, engine: Engine, cells: list[Cell]) -> None:
         for length in sorted({c.length for c in cells}):
-            data.select(ctx.corpus, ctx.tokenizer, length, samples)
+            data.select(self.corpus, engine.tokenizer, length, self.args.samples)
 
-    def run(self, ctx: Context, spec: RopeSpec, cells: list[Cell], report: Report) -> dict[Cell, Outcome]:
-        options = ctx.options
-        samples = self.samples(options)
-        selections = {c: data.select(ctx.corpus, ctx.tokenizer, c.length, samples) for c in cells}
-        if not ctx.cache.get("ppl-head-checked"):  # once per model, before any patch
-            check_head(ctx.model, selections[cells[0]].docs[0][1])
-            ctx.cache["ppl-head-checked"] = True
+    def run(self, engine: Engine, spec: RopeSpec, cells: list[Cell], report: Report) -> dict[Cell, Outcome]:
+        samples, last_k = self.args.samples, self.args.last_k
+        selections = {c: data.select(self.corpus, engine.tokenizer, c.length, samples) for c in cells}
         per_cell: dict[Cell, list[dict[str, Any]]] = {c: [] for c in cells}
-        shared = len(cells) > 1
-        if options.stride:
+        if self.args.stride:
             (cell,) = cells
-            with patches.apply(ctx.model, spec, ctx.train_len, seq_len=cell.length):
+            with engine.session(spec, seq_len=cell.length) as session:
                 for name, ids in selections[cell].docs:
-                    nll, positions = sliding_nll(ctx.model, ids, cell.length, options.stride, report=report)
-                    summary = summarize(nll, positions, cell.length, options.last_k)
-                    per_cell[cell].append({"doc": name, "doc_tokens": len(ids), **summary})
+                    nll, positions = sliding_nll(session, ids, cell.length, self.args.stride, report=report)
+                    per_cell[cell].append({"doc": name, "doc_tokens": len(ids),
+                                           **summarize(nll, positions, cell.length, last_k)})
         else:
             # document -> lengths wanted from it; one forward per document at its longest wanted length
             wanted: dict[str, tuple[list[int], list[Cell]]] = {}
@@ -226,41 +166,31 @@ class Perplexity(Task):
                 for name, ids in selection.docs:
                     wanted.setdefault(name, (ids, []))[1].append(cell)
             seq_len = cells[0].length if spec.length_dependent else None
-            with patches.apply(ctx.model, spec, ctx.train_len, seq_len=seq_len):
+            with engine.session(spec, seq_len=seq_len) as session:
                 for name, (ids, doc_cells) in wanted.items():
                     longest = max(c.length for c in doc_cells)
-                    nll = token_nll(ctx.model, ids[:longest])
+                    nll = session.nll(ids[:longest])
                     for cell in doc_cells:
-                        prefix = nll[:cell.length - 1]
                         positions = torch.arange(1, cell.length)
-                        per_cell[cell].append({"doc": name, **summarize(prefix, positions, cell.length,
-                                                                        options.last_k)})
+                        per_cell[cell].append({"doc": name, **summarize(nll[:cell.length - 1], positions,
+                                                                        cell.length, last_k)})
                     report(forward_cost(longest))
-        bos = data.special_prefix(ctx.tokenizer)
+        bos = engine.prefix
+        shared = len(cells) > 1
         outcomes = {}
         for cell in cells:
             selection = selections[cell]
             outcomes[cell] = Outcome(
                 metrics=aggregate(per_cell[cell], cell.length),
                 samples=per_cell[cell],
-                data={
-                    "id": ctx.corpus.id,
-                    "description": ctx.corpus.describe(samples),
-                    "documents": [name for name, _ in selection.docs],
-                    "skipped_short": selection.skipped,
-                    "samples_requested": samples,
-                    "samples_used": len(selection.docs),
-                    "bos_added": bool(bos),
-                    "bos_ids": bos,
-                },
+                data={"id": self.corpus.id, "description": self.corpus.describe(samples),
+                      "documents": [name for name, _ in selection.docs], "skipped_short": selection.skipped,
+                      "samples_requested": samples, "samples_used": len(selection.docs), "bos_added": bool(bos),
+                      "bos_ids": bos},
                 extra={"shared_forward": sorted(c.length for c in cells)} if shared else {},
                 notes=_selection_notes(selection, samples),
             )
         return outcomes
-
-
-def _data_id(options: EvalOptions) -> str:
-    return data.open_corpus(options.data, options.dataset, options.text_field).id
 
 
 def _selection_notes(selection: data.Selection, samples: int) -> list[str]:
@@ -271,3 +201,6 @@ def _selection_notes(selection: data.Selection, samples: int) -> list[str]:
     if len(selection.docs) < samples:
         notes.append(f"only {len(selection.docs)} of {samples} requested documents have {selection.length} tokens")
     return notes
+
+
+TYPE = TaskType("ppl", Perplexity)

@@ -282,9 +282,22 @@ def _yarn_resolve(values: dict[str, Any], train_len: int) -> None:
         values["attention_factor"] = _mscale(values["factor"])
 
 
+FrequencyFunction = Callable[[RopeInfo, Mapping[str, Any], int], Frequencies]
+_FUNCTIONS: dict[str, FrequencyFunction | None] = {}
+
+
+def frequency_function(name: str) -> FrequencyFunction | None:
+    """A frequency variant's ``(info, params, length) -> (inv_freq, attention_scaling)``; None for ``none``.
+
+    For analyses that need a variant's frequencies without patching a model (``lctx analyze``).
+    """
+    return _FUNCTIONS[name]
+
+
 def _freq(name: str, fn, description: str, reference: str, params: tuple[Param, ...], *, family: str,
           length_dependent: bool = False, aliases: tuple[str, ...] = (), resolve=None, validate=None,
           softmax=None, complete=None) -> None:
+    _FUNCTIONS[name] = fn
     register(Variant(
         name=name, description=description, reference=reference, params=params,
         patch=_patcher(fn, length_dependent, softmax, complete), kind="frequency", family=family,

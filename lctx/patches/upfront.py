@@ -38,12 +38,25 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
 
 
+_PASSED: set[tuple[str, str, int | None, int | None]] = set()  # checks passed in this process (plans repeat)
+
+
 def check(config: Any, spec: Any, train_len: int | None = None, target_len: int | None = None) -> None:
     """Raise UnsupportedModelError when ``spec`` cannot be applied to a model of ``config``; SpecError for a spec
-    that cannot be resolved. Loads no weights: takes about a second."""
+    that cannot be resolved. Loads no weights: takes about a second (once per config and spec in a process)."""
     from lctx import patches
 
     spec = patches.parse(spec) if isinstance(spec, str) else spec
+    key = (config.to_json_string(), spec.canonical, train_len, target_len)
+    if key in _PASSED:
+        return
+    _check(config, spec, train_len, target_len)
+    _PASSED.add(key)
+
+
+def _check(config: Any, spec: Any, train_len: int | None, target_len: int | None) -> None:
+    from lctx import patches
+
     arch = getattr(text_config(config), "model_type", type(config).__name__)
     try:
         meta = _build(config, meta=True)

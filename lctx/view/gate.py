@@ -15,10 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lctx.report import tables as tables_mod
-from lctx.report.cells import Value
-from lctx.report.tables import Table, cell_text
-from lctx.results import format_length
+from lctx.evals import Metric
+from lctx.spec import format_length
+from lctx.view import tables as tables_mod
+from lctx.view.frame import Value
+from lctx.view.tables import Table, cell_text
 
 TOLERANCE_FORMS = "a percentage of the baseline value (2%, 0.5%) or an absolute amount in the metric's unit (0.05)"
 
@@ -62,8 +63,12 @@ class Change:
     variant: str  # label as typed
     baseline: Value
     current: Value
-    higher_is_better: bool
+    metric: Metric
     reason: str
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        return self.metric.higher_is_better
 
     def delta(self) -> str:
         b, c = self.baseline, self.current
@@ -97,8 +102,8 @@ class GateResult:
     def rows(self, changes: list[Change]) -> list[list[str]]:
         """Table rows: task, metric, model, variant, length, baseline, current, change."""
         return [[c.key.task, f"{c.key.metric} {'↑' if c.higher_is_better else '↓'}", c.key.model, c.variant,
-                 format_length(c.key.length), cell_text(c.baseline, c.key.metric),
-                 cell_text(c.current, c.key.metric), c.delta()] for c in changes]
+                 format_length(c.key.length), cell_text(c.baseline, c.metric),
+                 cell_text(c.current, c.metric), c.delta()] for c in changes]
 
     @staticmethod
     def missing_rows(cells: list[tuple[CellKey, str]]) -> list[list[str]]:
@@ -130,20 +135,22 @@ def _markdown(header: list[str], rows: list[list[str]], limit: int | None = None
     return "\n".join(lines)
 
 
-def _cells(table_list: list[Table]) -> dict[CellKey, tuple[Value | None, str, bool]]:
+def _cells(table_list: list[Table]) -> dict[CellKey, tuple[Value | None, str, Metric]]:
     out = {}
     for table in table_list:
         g = table.group
         settings = f"train_len {g.train_len} · {g.settings}"
         for i, rope in enumerate(table.ropes):
-            for j, length in enumerate(table.lengths):
-                key = CellKey(g.model, rope, g.task, table.metric, length, settings)
-                out[key] = (table.cells[i][j], table.variants[i], table.higher_is_better)
+            for j, (length, _) in enumerate(table.columns):
+                key = CellKey(g.model, rope, g.task, table.metric.name, length, settings)
+                out[key] = (table.cells[i][j], table.variants[i], table.metric)
     return out
 
 
-def _judge(base: Value, current: Value, higher: bool, tolerance: Tolerance) -> tuple[int, str]:
-    """-1 regression, 1 improvement, 0 within tolerance (or nothing to compare), with the reason."""
+def _judge(base: Value, current: Value, higher: bool | None, tolerance: Tolerance) -> tuple[int, str]:
+    """-1 regression, 1 improvement, 0 within tolerance (or nothing to compare, or no known direction)."""
+    if higher is None:
+        return 0, ""
     rank = {"ok": 0, "oom": 1, "error": 2}
     b, c = rank.get(base.status, 2), rank.get(current.status, 2)
     if b != c:
@@ -169,18 +176,18 @@ def compare(current: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]
     now = _cells(tables_mod.build(current))
     before = _cells(tables_mod.build(baseline))
     result = GateResult(tolerance)
-    for key, (base_value, label, higher) in before.items():
+    for key, (base_value, label, metric) in before.items():
         if key not in now or now[key][0] is None:
             if base_value is not None:
                 result.missing_in_current.append((key, label))
             continue
         if base_value is None:
             continue
-        current_value, label, higher = now[key]
+        current_value, label, metric = now[key]
         result.compared += 1
-        verdict, reason = _judge(base_value, current_value, higher, tolerance)
+        verdict, reason = _judge(base_value, current_value, metric.higher_is_better, tolerance)
         if verdict:
-            change = Change(key, label, base_value, current_value, higher, reason)
+            change = Change(key, label, base_value, current_value, metric, reason)
             (result.regressions if verdict < 0 else result.improvements).append(change)
     result.missing_in_baseline = [(key, label) for key, (value, label, _) in now.items()
                                   if value is not None and (key not in before or before[key][0] is None)]

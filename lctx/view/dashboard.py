@@ -12,14 +12,15 @@ import base64
 import datetime as dt
 import html
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lctx.report.gate import GateResult
-from lctx.report.plots import Plot, Style
-from lctx.report.tables import Table, sections, table_markdown
-from lctx.results import format_length
+from lctx.spec import format_length
+from lctx.view.figures import Plot, Style
+from lctx.view.gate import GateResult
+from lctx.view.summaries import Summary
+from lctx.view.tables import Table, interval_text, sections, table_markdown
 
 FIGURE_PX_PER_INCH = 125  # CSS pixels per inch of figure: 6.9 in (two columns of a paper) shows 860 px wide
 SUMMARY_ROWS = 25  # rows per gate list in the Markdown summary (gate.md has them all)
@@ -72,6 +73,8 @@ class Page:
     styles: dict[str, Style]  # by variant label
     out: Path  # the report directory: links are relative to it
     source: str  # the results directory, as given
+    summaries: list[Summary] = field(default_factory=list)  # category averages, effective lengths
+    analyses: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # lctx analyze outputs: (dir, json)
     gate: GateResult | None = None
     fail_on_missing: bool = False
     baseline: str | None = None
@@ -102,10 +105,10 @@ def stats(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table_html(table: Table, styles: dict[str, Style], files: dict[str, str]) -> str:
-    past = [table.past(n) for n in table.lengths]
-    best = [table.best(j) for j in range(len(table.lengths))]
-    head = "".join(f'<th class="{"past" if p else ""}" title="{n} tokens">{_e(table.header(n))}</th>'
-                   for n, p in zip(table.lengths, past, strict=True))
+    past = [table.past(n) for n, _ in table.columns]
+    best = [table.best(j) for j in range(len(table.columns))]
+    head = "".join(f'<th class="{"past" if p else ""}" title="{n} tokens">{_e(table.header(j))}</th>'
+                   for j, ((n, _), p) in enumerate(zip(table.columns, past, strict=True)))
     rows = []
     for i, (label, rope) in enumerate(zip(table.variants, table.ropes, strict=True)):
         color = styles[label].color if label in styles else "#888"
@@ -120,8 +123,9 @@ def _table_html(table: Table, styles: dict[str, Style], files: dict[str, str]) -
             if i in best[j]:
                 classes.append("best")
             text = _e(table.text(i, j))
-            if value is not None and value.finite and value.low is not None and value.high is not None:
-                text += f'<span class="ci">[{100 * value.low:.0f}–{100 * value.high:.0f}]</span>'
+            ci = interval_text(value, table.metric)
+            if ci:
+                text += f'<span class="ci">{_e(ci)}</span>'
             tds.append(f'<td class="{" ".join(classes)}">{text}</td>')
         rows.append("<tr>" + "".join(tds) + "</tr>")
     links = " · ".join(f'<a href="{_e(href)}">{_e(kind)}</a>' for kind, href in files.items())
@@ -169,6 +173,25 @@ def _plain_table(header: list[str], rows: list[list[str]], variant_column: int) 
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _analysis_html(directory: Path, analysis: dict[str, Any]) -> str:
+    """An ``lctx analyze`` output: its base bounds against the model's base, and its figures (SVG inline)."""
+    source, rope = analysis.get("source", {}), analysis.get("rope", {})
+    theta = rope.get("theta")
+    rows = [[format_length(b["length"]), f"{b['base_lower_bound']:.3g}", f"{b['base_lower_bound_stable']:.3g}",
+             "–" if theta is None else ("yes" if theta >= b["base_lower_bound"] else "no")]
+            for b in analysis.get("bounds", [])]
+    parts = [f"<h3>{_e(source.get('name', directory.name))}: base {_e(theta)}, rotary dimension "
+             f"{_e(rope.get('rotary_dim'))}, training length {_e(rope.get('train_len'))}</h3>",
+             _plain_table(["length", "base lower bound", "stable from", "model's base meets it"], rows, 0)]
+    for figure in analysis.get("figures", []):
+        svg = directory / figure.get("files", {}).get("svg", "")
+        if svg.is_file():
+            data = base64.b64encode(svg.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/svg+xml;base64,{data}" alt="{_e(figure.get("title"))}" '
+                         f'style="width:860px"><figcaption>{_e(figure.get("caption"))}</figcaption></figure>')
+    return "\n".join(parts)
+
+
 def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
     """The page's HTML; ``table_files`` maps a table's slug to its files (kind -> relative path)."""
     s = stats(page.records)
@@ -178,6 +201,10 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
     nav = "".join(f'<a href="#{_anchor(name)}">{_e(name)}</a>' for name in by_section)
     if page.gate is not None:
         nav = '<a href="#gate">gate</a>' + nav
+    if page.summaries:
+        nav += '<a href="#summaries">summaries</a>'
+    if page.analyses:
+        nav += '<a href="#analysis">analysis</a>'
     body = []
     if page.gate is not None:
         body.append(_gate_html(page.gate, page.fail_on_missing, page.baseline))
@@ -188,6 +215,15 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
             body += [_table_html(t, page.styles, table_files.get(t.slug, {})) for t in members
                      if t.group.model == model]
             body += [_figure_html(plot, files, page.out) for plot, files in figures if plot.model == model]
+        body.append("</section>")
+    if page.summaries:
+        body.append('<section id="summaries"><h2>summaries</h2>')
+        body += [f"<h3>{_e(summary.title)}</h3>" + _plain_table(summary.columns, summary.rows, 1)
+                 for summary in page.summaries]
+        body.append("</section>")
+    if page.analyses:
+        body.append('<section id="analysis"><h2>analysis</h2>')
+        body += [_analysis_html(directory, analysis) for directory, analysis in page.analyses]
         body.append("</section>")
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     description = f'<p class="description">{_e(page.description.strip())}</p>' if page.description else ""
@@ -240,7 +276,7 @@ def summary_markdown(page: Page) -> str:
         seen.add(id(table.group))
         g = table.group
         train = format_length(g.train_len) if g.train_len else "unknown"
-        parts.append(f"### {g.task} · {table.metric} {table.arrow} · {g.model} (train {train})\n\n"
+        parts.append(f"### {g.task} · {table.metric.name} {table.arrow} · {g.model} (train {train})\n\n"
                      + table_markdown(table, interval=False))
     parts.append("\\* past the training length · **bold**: best per column · OOM: out of memory · ERR: error")
     return "\n\n".join(parts) + "\n"

@@ -1,9 +1,10 @@
-"""Figures: perplexity by length, retrieval heatmaps, per-position loss, LongBench by category, synthetic
-accuracy by length, and a metric-by-length line plot for any other task.
+"""Figures: each task declares its kinds (:data:`lctx.evals.FIGURES`: a metric-by-length line plot, the loss by
+position, length × depth heatmaps) and each family its side-by-side view (LongBench by category, synthetic tasks
+by length); this module draws them.
 
-Each variant keeps one colour in every figure: its hue comes from its RoPE family (a fixed table, so ``yarn``
-is green in every report and every run) and variants of one family get darker or lighter shades of it, in
-the sorted order of their labels; ``logn=true`` variants are dashed. Figures use matplotlib's object API (no
+Each variant keeps one style in every figure: the hue of its RoPE family as the family declares it
+(:class:`lctx.patches.Family`), a lighter or darker shade per distinct label of the family (in sorted order), the
+family's marker for the variant, and a dashed line for ``logn=true``. Figures use matplotlib's object API (no
 pyplot, no global backend) under a paper style: 8 pt type, no top/right spines, faint grid, TrueType fonts
 embedded in PDFs, text as paths in SVGs (so the dashboard needs no fonts).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import colorsys
 import math
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import blended_transform_factory
 
-from lctx.evals import longbench
-from lctx.report import cells
-from lctx.report.cells import Group
-from lctx.report.tables import model_stem, slugify
-from lctx.results import format_length
+from lctx import evals
+from lctx.evals import Metric
+from lctx.spec import format_length
+from lctx.view import frame as frames
+from lctx.view.frame import Group
+from lctx.view.tables import model_stem, slugify
 
 STYLE: dict[str, Any] = {
     "font.family": "sans-serif",
@@ -66,20 +67,9 @@ STYLE: dict[str, Any] = {
 FORMATS = ("png", "pdf", "svg")
 COLUMN_WIDTH, PAGE_WIDTH = 3.4, 6.9  # inches: one and two columns of a two-column paper
 
-# hue of each RoPE family (Okabe–Ito and Tol's colour-blind-safe palettes); the model as trained is black
-FAMILY_COLORS = {
-    "none": "#000000", "pi": "#0072B2", "linear": "#0072B2", "ntk": "#E69F00", "ntk-mixed": "#D55E00",
-    "dynamic-ntk": "#CC6677", "ntk-by-parts": "#999933", "yarn": "#009E73", "dynamic-yarn": "#56B4E9",
-    "llama3": "#882255", "base": "#44AA99", "rerope": "#6A3D9A", "leaky-rerope": "#AA4499",
-    "self-extend": "#8C564B",
-}
-FALLBACK_COLORS = ("#117733", "#AA4499", "#DDAA33", "#BB5566", "#004488", "#997700", "#6699CC", "#EE7733")
-FAMILY_MARKERS = {"none": "o", "pi": "s", "linear": "s", "ntk": "^", "ntk-mixed": "v", "dynamic-ntk": "<",
-                  "ntk-by-parts": ">", "yarn": "D", "dynamic-yarn": "d", "llama3": "P", "base": "X",
-                  "rerope": "*", "leaky-rerope": "h", "self-extend": "p"}
+UNKNOWN_COLOR, UNKNOWN_MARKER = "#888888", "o"  # variants this lctx does not know (old records)
 LIGHTNESS_STEPS = (0.0, 0.22, -0.16, 0.36, -0.28, 0.48)  # shades of one family's hue, in member order
 RETRIEVAL_CMAP = "viridis"
-METRIC_NAMES = {"ppl": "perplexity", "last_k_ppl": "perplexity", "nll": "NLL (nats)", "last_k_nll": "NLL (nats)"}
 
 
 
@@ -90,17 +80,22 @@ class Style:
     linestyle: str
 
 
-def variant_styles(labels: Iterable[str]) -> dict[str, Style]:
-    """One style per variant label: family hue, shaded per member (sorted labels), dashed with log-n."""
+def variant_styles(labels: dict[str, str]) -> dict[str, Style]:
+    """One style per variant label (``labels``: canonical rope -> label), from the variant's declared family."""
     members: dict[str, list[str]] = {}
-    for label in sorted(set(labels)):
-        members.setdefault(label.split(":", 1)[0], []).append(label)
+    facts: dict[str, tuple[Any, int, bool]] = {}
+    for rope, label in sorted(labels.items(), key=lambda item: item[1]):
+        family, index, logn = frames.variant_family(rope)
+        facts[label] = (family, index, logn)
+        members.setdefault(family.name if family else "", []).append(label)
     styles = {}
-    for fam, names in members.items():
-        base = FAMILY_COLORS.get(fam) or FALLBACK_COLORS[zlib.crc32(fam.encode()) % len(FALLBACK_COLORS)]
-        marker = FAMILY_MARKERS.get(fam, "o")
-        for color, label in zip(_shades(base, len(names)), names, strict=True):
-            styles[label] = Style(color, marker, "--" if "logn=true" in label else "-")
+    for names in members.values():
+        family = facts[names[0]][0]
+        colors = _shades(family.color, len(names)) if family else [UNKNOWN_COLOR] * len(names)
+        for color, label in zip(colors, names, strict=True):
+            _, index, logn = facts[label]
+            marker = family.markers[index % len(family.markers)] if family else UNKNOWN_MARKER
+            styles[label] = Style(color, marker, "--" if logn else "-")
     return styles
 
 
@@ -218,14 +213,6 @@ def _wrap(label: str, chars: int) -> str:
     return "\n".join(lines)
 
 
-def _config_value(group: Group, key: str) -> Any:
-    for record in group.records:
-        value = (record.get("config") or {}).get(key)
-        if value is not None:
-            return value
-    return None
-
-
 def _context(group: Group) -> str:
     train = format_length(group.train_len) if group.train_len else "unknown"
     return f"{group.model}, training length {train} (dotted line), {group.settings}"
@@ -234,7 +221,21 @@ def _context(group: Group) -> str:
 # ---- the figures -------------------------------------------------------------------------------------------
 
 
-def metric_by_length(group: Group, metrics: list[str], labels: dict[str, str], styles: dict[str, Style],
+def metric_label(metric: Metric, group: Group) -> str:
+    """The metric's declared label, filled with the group's parameters (``perplexity, last 256 tokens``)."""
+    try:
+        return (metric.label or metric.name).format(**group.config)
+    except (KeyError, IndexError, ValueError):
+        return metric.label or metric.name
+
+
+def _axis_label(metric: Metric) -> str:
+    name = metric.label.split(",")[0] if metric.label else metric.name
+    direction = {True: " (higher is better)", False: " (lower is better)"}.get(metric.higher_is_better, "")
+    return name + direction
+
+
+def metric_by_length(group: Group, metrics: list[Metric], labels: dict[str, str], styles: dict[str, Style],
                      titles: list[str] | None = None) -> Figure | None:
     """One panel per metric: a line per variant over length; failed cells marked at the top of the panel."""
     lengths = group.lengths
@@ -243,8 +244,8 @@ def metric_by_length(group: Group, metrics: list[str], labels: dict[str, str], s
     handles = _variant_handles([labels[r] for r in group.ropes], styles)
     marks: set[str] = set()
     drawn = False
-    for ax, metric, title in zip(axes, metrics, titles or metrics, strict=True):
-        log = cells.lower_is_better(metric)
+    for ax, metric, title in zip(axes, metrics, titles or [m.name for m in metrics], strict=True):
+        log = metric.higher_is_better is False
         finite_values: list[float] = []
         top = blended_transform_factory(ax.transData, ax.transAxes)
         for k, rope in enumerate(group.ropes):
@@ -267,12 +268,12 @@ def metric_by_length(group: Group, metrics: list[str], labels: dict[str, str], s
         drawn = drawn or bool(finite_values)
         if log and finite_values and min(finite_values) > 0:
             _log_y(ax, finite_values)
-        elif metric == "accuracy":
+        elif metric.percent:
             ax.set_ylim(-0.04, 1.04)
             ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
         _length_axis(ax, lengths, group.train_len)
         ax.set_title(title)
-        ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} ({'lower' if log else 'higher'} is better)")
+        ax.set_ylabel(_axis_label(metric))
     if not drawn and not marks:
         return None
     if "oom" in marks:
@@ -284,10 +285,10 @@ def metric_by_length(group: Group, metrics: list[str], labels: dict[str, str], s
     return fig
 
 
-def retrieval_heatmaps(group: Group, metric: str, labels: dict[str, str], styles: dict[str, Style]) -> Figure:
+def retrieval_heatmaps(group: Group, metric: Metric, labels: dict[str, str], styles: dict[str, Style]) -> Figure:
     """Length × depth heatmaps, one panel per variant, one shared colour scale from 0 to 100%."""
     ropes, lengths = group.ropes, group.lengths
-    depths = sorted({float(d) for d in group.frame["depth"].dropna()})
+    depths = group.depths
     rows, cols = _grid(len(ropes), 3)
     width = min(PAGE_WIDTH, 0.45 + cols * max(1.7, 0.36 * len(lengths) + 0.6))
     fig = Figure(figsize=(width, 0.55 + rows * max(1.3, 0.18 * len(depths) + 0.75)), layout="constrained")
@@ -343,7 +344,7 @@ def retrieval_heatmaps(group: Group, metric: str, labels: dict[str, str], styles
             ax.xaxis.set_tick_params(labelbottom=True)
     bar = fig.colorbar(image, ax=axes, shrink=0.9, aspect=25, pad=0.02)
     bar.ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
-    bar.set_label(metric)
+    bar.set_label(metric.name)
     bar.outline.set_visible(False)
     return fig
 
@@ -391,24 +392,15 @@ def position_loss(group: Group, labels: dict[str, str], styles: dict[str, Style]
     return fig
 
 
-def _longbench_category(task: str) -> str:
-    """The task object's ``category`` if it has one, else LongBench's category of its dataset (``_e`` files too)."""
-    found = cells.registered_task(task)
-    category = getattr(found, "category", None)
-    if isinstance(category, str) and category:
-        return category
-    dataset = getattr(found, "dataset", None) or task.split(":", 1)[1].removesuffix("_e")
-    return longbench.CATEGORY.get(dataset, "other")
-
-
-def longbench_by_category(groups: list[Group], labels: dict[str, str], styles: dict[str, Style]) -> Figure | None:
-    """Grouped bars: each category's mean task score and their mean ("overall", as LongBench averages),
-    one panel per length."""
+def by_category(groups: list[Group], labels: dict[str, str], styles: dict[str, Style],
+                order: tuple[str, ...]) -> Figure | None:
+    """Grouped bars: each category's mean task score (categories as the members declare them, in the family's
+    ``order``) and their mean ("overall", as LongBench averages), one panel per length."""
     scores: dict[tuple[int, str, str], list[float]] = {}  # (length, category, rope) -> task scores
     ropes: list[str] = []
     for group in groups:
-        metric = cells.table_metrics(group.task, group.metrics)[0]
-        category = _longbench_category(group.task)
+        metric = group.headline[0]
+        category = str(dict(group.kind.attrs).get("category", "other")) if group.kind else "other"
         for rope in group.ropes:
             ropes.append(rope)
             for n in group.lengths:
@@ -421,7 +413,7 @@ def longbench_by_category(groups: list[Group], labels: dict[str, str], styles: d
     ropes = list(dict.fromkeys(ropes))
     lengths = sorted({n for n, _, _ in scores})
     present = {c for _, c, _ in scores}
-    categories = [c for c in longbench.CATEGORIES if c in present] + sorted(present - set(longbench.CATEGORIES))
+    categories = [c for c in order if c in present] + sorted(present - set(order))
     for n in lengths:
         for rope in ropes:
             found = [means[(n, c, rope)] for c in categories if (n, c, rope) in means]
@@ -450,9 +442,8 @@ def longbench_by_category(groups: list[Group], labels: dict[str, str], styles: d
     return fig
 
 
-def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[str, Style],
-                    prefer: str = "accuracy") -> Figure | None:
-    """One panel per task (e.g. each synthetic task): ``prefer`` (else its headline metric) over length."""
+def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[str, Style]) -> Figure | None:
+    """One panel per task (e.g. each synthetic task): its headline metric over length."""
     rows, cols = _grid(len(groups), 3)
     fig = Figure(figsize=(COLUMN_WIDTH if cols == 1 else PAGE_WIDTH, 0.7 + 1.9 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
@@ -463,7 +454,7 @@ def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[st
             ax.set_visible(False)
             continue
         group = groups[idx]
-        metric = prefer if prefer in group.metrics else cells.table_metrics(group.task, group.metrics)[0]
+        metric = group.headline[0]
         for rope in group.ropes:
             ropes.append(rope)
             style = styles[labels[rope]]
@@ -472,13 +463,13 @@ def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[st
             drawn = drawn or bool(points)
             ax.plot([n for n, _ in points], [y for _, y in points], color=style.color, marker=style.marker,
                     linestyle=style.linestyle)
-        if metric == "accuracy":
+        if metric.percent:
             ax.set_ylim(-0.04, 1.04)
             ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
         _length_axis(ax, group.lengths, group.train_len)
         ax.set_title(group.task.split(":", 1)[-1])
         if idx % cols == 0:
-            ax.set_ylabel(metric)
+            ax.set_ylabel(metric.name)
     if not drawn:
         return None
     _legend(fig, _variant_handles([labels[r] for r in dict.fromkeys(ropes)], styles))
@@ -489,53 +480,55 @@ def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[st
 
 
 def figures(records: list[dict[str, Any]]) -> Iterator[Plot]:
-    """Every figure the records support, one at a time (each is saved and closed before the next is drawn)."""
-    labels = cells.variant_labels(records)
-    styles = variant_styles(labels.values())
-    all_groups = cells.groups(records)
-    families: dict[tuple, list[Group]] = {}  # longbench / synthetic tasks of one model and settings together
-    for group in all_groups:
-        section = cells.family(group.task)
-        if section in ("longbench", "synthetic") and ":" in group.task:
+    """Every figure the records support, one at a time (each is saved and closed before the next is drawn): the
+    kinds each task declares, then each family's side-by-side view of its members."""
+    records = frames.revive(records)
+    labels = frames.variant_labels(records)
+    styles = variant_styles(labels)
+    families: dict[tuple, list[Group]] = {}  # members of one family, model and settings together
+    for group in frames.groups(records):
+        section = frames.section(group.task)
+        kind = group.kind
+        if section in evals.FAMILIES and ":" in group.task and evals.family(section).figure:
             families.setdefault((section, group.model, group.train_len, group.dtype, group.attn), []).append(group)
             continue
-        metrics = cells.table_metrics(group.task, group.metrics)
+        declared = kind.cls.figures if kind is not None else ("lines",)
+        metrics = group.headline
         stem = f"{slugify(group.task)}-{slugify(model_stem(group.model))}"
-        if group.has_depths and metrics[0] == "accuracy":
-            yield Plot(f"heatmap-{stem}", section, group.model, f"{group.task}: accuracy by length and depth",
-                       f"{group.task} accuracy by context length (x; * past the training length, after the white "
-                       f"gap) and needle depth (y), one panel per variant. {_context(group)}.",
+        if "heatmap" in declared and group.has_depths:
+            yield Plot(f"heatmap-{stem}", section, group.model, f"{group.task}: {metrics[0].name} by length and depth",
+                       f"{group.task} {metrics[0].name} by context length (x; * past the training length, after the "
+                       f"white gap) and needle depth (y), one panel per variant. {_context(group)}.",
                        retrieval_heatmaps(group, metrics[0], labels, styles))
-            continue
-        titles = [group.task if len(metrics) == 1 else f"{group.task}: {m}" for m in metrics]
-        if group.task == "ppl":
-            last_k = _config_value(group, "last_k")
-            names = {"ppl": "perplexity, whole window", "last_k_ppl": f"perplexity, last {last_k} tokens"}
-            titles = [names.get(m, m) for m in metrics]
-        figure = metric_by_length(group, metrics, labels, styles, titles)
-        if figure is not None:
-            yield Plot(f"{'ppl' if group.task == 'ppl' else 'metric'}-{stem}", section, group.model,
-                       f"{group.task}: {', '.join(metrics)} by length",
-                       f"{group.task}: {' and '.join(metrics)} by context length, one line per variant; "
-                       f"✕ out of memory. {_context(group)}.", figure)
-        if group.task == "ppl":
+        if "lines" in declared:
+            titles = [metric_label(m, group) if len(metrics) > 1 or m.label else group.task for m in metrics]
+            figure = metric_by_length(group, metrics, labels, styles, titles)
+            names = [m.name for m in metrics]
+            if figure is not None:
+                yield Plot(f"{'ppl' if section == 'ppl' else 'metric'}-{stem}", section, group.model,
+                           f"{group.task}: {', '.join(names)} by length",
+                           f"{group.task}: {' and '.join(names)} by context length, one line per variant; "
+                           f"✕ out of memory. {_context(group)}.", figure)
+        if "position_loss" in declared:
             figure = position_loss(group, labels, styles)
             if figure is not None:
-                yield Plot(f"position-loss-{stem}", section, group.model, "ppl: loss by position",
+                yield Plot(f"position-loss-{stem}", section, group.model, f"{group.task}: loss by position",
                            f"Mean per-token NLL by position in the window (8 buckets), one panel per length. "
                            f"{_context(group)}.", figure)
     for (section, model, *_), members in families.items():
         stem = f"{section}-{slugify(model_stem(model))}"
-        if section == "longbench":
-            figure = longbench_by_category(members, labels, styles)
-            title, caption = "LongBench: score by category", (
-                "LongBench mean task score per category and their mean (overall), one panel per context length; "
+        family = evals.family(section)
+        if family.figure == "by_category":
+            figure = by_category(members, labels, styles, family.categories)
+            title, caption = f"{section}: score by category", (
+                f"{section} mean task score per category and their mean (overall), one panel per context length; "
                 "hatched: log-n variants. "
                 f"{_context(members[0]).split(' (dotted line)')[0]}.")
         else:
             figure = tasks_by_length(members, labels, styles)
-            title, caption = "synthetic tasks: accuracy by length", (
-                f"Synthetic-task accuracy by context length, one panel per task. {_context(members[0])}.")
+            title, caption = f"{section} tasks: {members[0].headline[0].name} by length", (
+                f"{section} tasks' {members[0].headline[0].name} by context length, one panel per task. "
+                f"{_context(members[0])}.")
         if figure is not None:
             yield Plot(stem, section, model, title, caption, figure)
 
