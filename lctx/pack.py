@@ -54,6 +54,14 @@ def is_url(text: str) -> bool:
     return str(text).startswith(("http://", "https://"))
 
 
+def name(source: str | Path) -> str:
+    """A source's file or directory name, without a query or an archive suffix (``results.tar.gz`` -> ``results``)."""
+    base = PurePosixPath(str(source).split("?", 1)[0].rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".jsonl"):
+        base = base.removesuffix(suffix)
+    return base or str(source)
+
+
 def load(source: str | Path, what: str = "results") -> Bundle:
     """Read a directory, an archive, a records file or a URL of one (see the module docstring)."""
     text = str(source)
@@ -74,8 +82,7 @@ def load(source: str | Path, what: str = "results") -> Bundle:
         except OSError as err:
             raise PackError(f"{what} {text!r}: cannot read it ({err.strerror})") from None
         return _from_bytes(content, text)
-    raise PackError(f"{what} {text!r} does not exist (a results directory as lctx eval --out writes it, a "
-                    ".tar.gz from lctx pack, or an http(s) URL of one or of a records.jsonl)")
+    raise PackError(f"{what} {text!r} does not exist (give a results directory, a pack or an http(s) URL)")
 
 
 def _download(url: str) -> bytes:
@@ -94,9 +101,9 @@ def _download(url: str) -> bytes:
 def _from_bytes(content: bytes, source: str) -> Bundle:
     """A records file's bytes (a name ending in .jsonl, or text that starts like JSON) or an archive's."""
     skipped = results.Skipped()
-    name = PurePosixPath(source.split("?", 1)[0]).name or source
-    if name.endswith(".jsonl") or content.lstrip()[:1] == b"{":
-        return Bundle(source, results.parse(content, name, skipped), {}, skipped)
+    label = PurePosixPath(source.split("?", 1)[0]).name or source
+    if label.endswith(".jsonl") or content.lstrip()[:1] == b"{":
+        return Bundle(source, results.parse(content, label, skipped), {}, skipped)
     try:
         archive = tarfile.open(fileobj=io.BytesIO(content), mode="r:*")
     except (tarfile.TarError, EOFError, OSError):
@@ -113,7 +120,7 @@ def _from_bytes(content: bytes, source: str) -> Bundle:
             handle = archive.extractfile(member)
             data = handle.read() if handle is not None else b""
             if fnmatch(base, RECORDS_GLOB):
-                records += results.parse(data, f"{name}:{member.name}", skipped)
+                records += results.parse(data, f"{label}:{member.name}", skipped)
             else:
                 with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
                     _add_manifest(manifests, base, json.loads(data.decode("utf-8")))

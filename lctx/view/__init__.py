@@ -191,10 +191,9 @@ def report(results_dir: str | Path, out: str | Path, *, baseline: str | Path | N
     base = newest(_bundle(baseline, "baseline").records) if baseline is not None else None
     past = [_bundle(source, "history source") for source in history_sources]
     runs, manifests = pack.merge([current, *past])
-    name = title or Path(str(results_dir).rstrip("/").split("?", 1)[0]).name.removesuffix(".tar.gz") or "results"
-    if title is None and current.directory is not None:
-        name = current.directory.resolve().name
-    return write(newest(current.records), out, title=name, description=description, source=str(results_dir),
+    if title is None:
+        title = current.directory.resolve().name if current.directory is not None else pack.name(results_dir)
+    return write(newest(current.records), out, title=title, description=description, source=str(results_dir),
                  baseline=base, baseline_source=None if baseline is None else str(baseline), tolerance=tolerance,
                  fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold,
                  relative=relative, noise=noise, runs=runs, manifests=manifests,

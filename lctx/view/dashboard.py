@@ -177,11 +177,13 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
     for plot, _ in page.plots:
         by_section.setdefault(plot.section, [])
     nav = "".join(f'<a href="#{anchor(name)}">{e(name)}</a>' for name in by_section)
+    if page.trend is not None:
+        nav = '<a href="#history">history</a>' + nav
     if page.gate is not None:
         nav = '<a href="#gate">gate</a>' + nav
     categories, effective = page.summaries_of("categories"), page.summaries_of("effective_length")
     correlation = page.summaries_of("correlation")
-    for present, target, name in ((page.trend, "history", "history"), (categories, "summaries", "summaries"),
+    for present, target, name in ((categories, "summaries", "summaries"),
                                   (effective, "effective-length", "effective length"),
                                   (correlation, "correlation", "perplexity ↔ tasks"),
                                   (page.analyses, "analysis", "analysis")):
