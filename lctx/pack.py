@@ -23,6 +23,7 @@ import re
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -111,19 +112,22 @@ def _from_bytes(content: bytes, source: str) -> Bundle:
                         "file") from None
     records: list[dict[str, Any]] = []
     manifests: dict[str, dict[str, Any]] = {}
-    with archive:
-        members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
-        for member in members:
-            base = PurePosixPath(member.name).name
-            if not (fnmatch(base, RECORDS_GLOB) or fnmatch(base, MANIFEST_GLOB)):
-                continue
-            handle = archive.extractfile(member)
-            data = handle.read() if handle is not None else b""
-            if fnmatch(base, RECORDS_GLOB):
-                records += results.parse(data, f"{label}:{member.name}", skipped)
-            else:
-                with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
-                    _add_manifest(manifests, base, json.loads(data.decode("utf-8")))
+    try:
+        with archive:
+            members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
+            for member in members:
+                base = PurePosixPath(member.name).name
+                if not (fnmatch(base, RECORDS_GLOB) or fnmatch(base, MANIFEST_GLOB)):
+                    continue
+                handle = archive.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                if fnmatch(base, RECORDS_GLOB):
+                    records += results.parse(data, f"{label}:{member.name}", skipped)
+                else:
+                    with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
+                        _add_manifest(manifests, base, json.loads(data.decode("utf-8")))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise PackError(f"{source}: a damaged archive ({err})") from None
     return Bundle(source, records, manifests, skipped)
 
 

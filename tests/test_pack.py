@@ -91,6 +91,15 @@ def test_archives_are_read_in_memory_whatever_their_member_paths(tmp_path) -> No
     (tmp_path / "junk.tar.gz").write_bytes(gzip.compress(b"not a tar"))
     with pytest.raises(pack.PackError, match="neither a tar archive"):
         pack.load(tmp_path / "junk.tar.gz")
+    big = tmp_path / "big.tar.gz"
+    with tarfile.open(big, "w:gz") as archive:
+        data = line * 2000
+        info = tarfile.TarInfo("records.jsonl")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "cut.tar.gz").write_bytes(big.read_bytes()[: big.stat().st_size // 2])  # a download cut short
+    with pytest.raises(pack.PackError, match="damaged archive"):
+        pack.load(tmp_path / "cut.tar.gz")
 
 
 @pytest.fixture

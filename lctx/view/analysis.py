@@ -106,8 +106,8 @@ def correlation_summaries(records: Iterable[dict[str, Any]],
         rows = [[c.task.task, c.ppl.headline[0].name, str(len(c.points)), _number(c.rho),
                  "–" if c.interval is None else f"[{c.interval[0]:+.2f}, {c.interval[1]:+.2f}]", c.reading]
                 for c in mine]
-        values = [{"task": c.task.task, "points": len(c.points), "rho": c.rho, "interval": c.interval,
-                   "settings": c.settings} for c in mine]
+        values = [{"model": c.model, "task": c.task.task, "points": len(c.points), "rho": c.rho,
+                   "interval": c.interval, "settings": c.settings} for c in mine]
         out.append(Summary("correlation", f"does perplexity predict task scores? Spearman's ρ between perplexity "
                            f"and each task's score across variants × lengths, 95% bootstrap interval · {model}",
                            ["task", "perplexity", "points", "Spearman ρ", "95% interval", "reading"], rows, values))

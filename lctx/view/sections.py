@@ -93,7 +93,7 @@ EFFECTIVE_NOTE = ("Cells: the headline score (%) by variant and context length (
 def correlation_html(summaries: list[Summary], plots: list[tuple[Plot, dict[str, Path]]], out: Path) -> str:
     parts = []
     for summary in summaries:
-        model = summary.title.rsplit(" · ", 1)[-1]
+        model = summary.values[0]["model"]
         parts.append(f"<h3>{e(model)}</h3>" + plain_table(summary.columns, summary.rows, 0, "corr"))
         parts += [figure_html(plot, files, out) for plot, files in plots if plot.model == model]
     return "\n".join(parts)
