@@ -14,6 +14,8 @@ from lctx import results, stats
 from lctx.cli import app
 from lctx.view import analysis, summaries
 
+WIDE = {"COLUMNS": "250"}  # rich reads the width per print: one table row per line
+
 
 def naive_ranks(values: list[float]) -> list[float]:
     """Rank of each value: 1 + how many are smaller + (ties − 1) / 2."""
@@ -121,18 +123,15 @@ def test_relative_rule_is_undefined_without_a_base_and_a_failed_cell_ends_both()
     assert row["effective_length"] == row["relative_length"] == 1024  # out of memory at 2k counts as failing
 
 
-def test_lctx_results_prints_both_effective_lengths(tmp_path, monkeypatch) -> None:
-    from lctx import cli
-
-    monkeypatch.setattr(cli.console, "width", 250)
+def test_lctx_results_prints_both_effective_lengths(tmp_path) -> None:
     store = results.Store(tmp_path)
     for n, k in {1024: 20, 2048: 19, 4096: 17, 8192: 12}.items():
         store.append(passkey(n, k))
-    done = CliRunner().invoke(app, ["results", str(tmp_path), "--relative", "0.5"])
+    done = CliRunner().invoke(app, ["results", str(tmp_path), "--relative", "0.5"], env=WIDE)
     assert done.exit_code == 0, done.output
     line = next(x for x in done.output.splitlines() if x.strip().startswith("│ passkey") and "85.6" in x)
     assert "2k [< 1k–4k]" in line and " 50% " in line and " 8k " in line
-    done = CliRunner().invoke(app, ["results", str(tmp_path), "--relative", "1.5"])
+    done = CliRunner().invoke(app, ["results", str(tmp_path), "--relative", "1.5"], env=WIDE)
     assert done.exit_code == 2  # a share is at most 1
 
 

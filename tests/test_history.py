@@ -120,18 +120,11 @@ def test_trend_figures_mark_the_flagged_points(dirs) -> None:
     assert ticks == ["0000000\n01-01", "1111111\n01-02", "2222222+\n01-03"]
 
 
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch) -> None:
-    from lctx import cli
-
-    monkeypatch.setattr(cli.console, "width", 200)
-
-
 def test_report_gates_against_the_baseline_and_renders_the_trend(dirs, tmp_path) -> None:
     three, main = dirs
     out = tmp_path / "report"
     done = CliRunner().invoke(app, ["report", str(three), "--out", str(out), "--baseline", str(main),
-                                    "--summary-md", str(tmp_path / "summary.md")])
+                                    "--summary-md", str(tmp_path / "summary.md")], env={"COLUMNS": "200"})
     assert done.exit_code == 1, done.output  # the gate: run 2 against main's newest (run 1)
     verdict = " ".join(done.output.split())
     assert "FAILED: 3 of 18 cells regressed" in verdict and "1 changed within noise" in verdict  # ppl, last-k, passkey

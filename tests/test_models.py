@@ -25,7 +25,7 @@ def test_default_model_is_the_offline_smollm2(smollm2) -> None:
     assert smollm2.model.config._attn_implementation == "sdpa"
     assert smollm2.dtype == torch.float32  # --dtype auto on CPU
     # the dequantized copy is cached, so later loads skip the ~20 s GGUF conversion
-    assert (models._gguf_cache(models.Path(models.resolve_alias("smollm2-135m"))) / "config.json").is_file()
+    assert (models.gguf_cache(models.Path(models.resolve_alias("smollm2-135m"))) / "config.json").is_file()
     # a real language model: English prose is predictable
     from pydoc_data.topics import topics
 

@@ -120,13 +120,10 @@ def server(tmp_path):
     httpd.server_close()
 
 
-def test_report_takes_baselines_and_history_from_archives_and_urls(tmp_path, server, monkeypatch) -> None:
-    from lctx import cli
-
-    monkeypatch.setattr(cli.console, "width", 200)
+def test_report_takes_baselines_and_history_from_archives_and_urls(tmp_path, server) -> None:
     site, url = server
     base = results_dir(tmp_path / "base", "run-0", "2026-01-01T00:00:00", 0.5)  # half the perplexity: better
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "200"})
     done = runner.invoke(app, ["pack", str(base), "-o", str(site / "results.tar.gz")])
     assert done.exit_code == 0 and "Packed 3 records of 1 run(s) and 1 manifest(s)" in done.output
     (site / "records.jsonl").write_bytes((base / "records.jsonl").read_bytes())
