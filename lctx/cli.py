@@ -84,7 +84,7 @@ def _parsed(parse):
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False)  # messages quote user text: no markup
+    console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, as typed
     return typer.Exit(2)
 
 
@@ -147,7 +147,11 @@ def eval_(
     target_len: str | None = typer.Option(None, "--target-len", help=run_help("target_len")),
     max_memory: str | None = typer.Option(None, "--max-memory", help=run_help("max_memory")),
     prefill_chunk: str | None = typer.Option(None, "--prefill-chunk", help=run_help("prefill_chunk")),
+    batch_size: str | None = typer.Option(None, "--batch-size", help=run_help("batch_size")),
     report: bool = typer.Option(True, "--report/--no-report", help=run_help("report")),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=run_help("trust_remote_code")),
+    executor: str | None = typer.Option(None, "--executor", help=run_help("executor")),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=run_help("ray_address")),
 ) -> None:
     """Evaluate models × RoPE variants × tasks × lengths; records each cell as it completes (resumable), then
     writes the tables (table.md) and the report (report/index.html, figures).
@@ -167,10 +171,12 @@ def eval_(
             raise spec.SpecError(f"--task-arg {clash[0]}=… repeats --{clash[0].replace('_', '-')}; give it once")
         settings = options.run_settings({"dtype": dtype, "device": device, "attn": attn, "device_map": device_map,
                                          "train_len": train_len, "target_len": target_len, "max_memory": max_memory,
-                                         "prefill_chunk": prefill_chunk}, "lctx eval")
+                                         "prefill_chunk": prefill_chunk, "batch_size": batch_size,
+                                         "executor": executor, "ray_address": ray_address}, "lctx eval")
         run_options = options.RunOptions(models=model, ropes=rope, tasks=task, lengths=lengths,
                                          task_defaults={**defaults, **task_args}, out=out, force=force, shard=shard,
-                                         report=report, argv=["lctx", *sys.argv[1:]], **settings)
+                                         report=report, trust_remote_code=trust_remote_code,
+                                         argv=["lctx", *sys.argv[1:]], **settings)
         code = execute.run(run_options, console).code
     except (*execute.USAGE_ERRORS, ValueError) as err:
         raise _fail(err) from None
@@ -314,6 +320,8 @@ def report_(
                               threshold=threshold, relative=relative, noise=noise)
     except (view.ReportError, ValueError, OSError) as err:
         raise _fail(err) from None
+    for where, skipped in written.skipped.items():
+        console.print(f"[yellow]warning:[/] {escape(where)}: {escape(skipped.describe())}")
     console.print(f"Wrote {len(written.tables)} tables and {len(written.figures)} figure files to {written.out}/; "
                   f"dashboard: {written.index}" + (f"; summary: {written.summary}" if written.summary else ""),
                   highlight=False)
@@ -353,6 +361,8 @@ def sweep(
     force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded"),
     shard: str | None = typer.Option(None, "--shard", callback=_parsed(options.parse_shard),
                                      help="run shard i of n (0 ≤ i < n), e.g. 0/4; shards write separate files"),
+    executor: str | None = typer.Option(None, "--executor", help=run_help("executor") + "; overrides the file's"),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=run_help("ray_address")),
 ) -> None:
     """Run an experiment file's models × variants × tasks × lengths (resumable), then write its report.
 
@@ -361,8 +371,9 @@ def sweep(
     from lctx import sweep as sweeps
 
     try:
+        settings = options.run_settings({"executor": executor, "ray_address": ray_address}, "lctx sweep")
         code = sweeps.run(experiment, out=out, report_out=report_out, force=force, shard=shard, console=console,
-                          argv=["lctx", *sys.argv[1:]])
+                          argv=["lctx", *sys.argv[1:]], settings=settings)
     except (sweeps.ExperimentError, *execute.USAGE_ERRORS) as err:
         raise _fail(err) from None
     except KeyboardInterrupt:

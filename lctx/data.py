@@ -17,8 +17,11 @@ the longest available length when no document is long enough.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -125,6 +128,32 @@ def pydoc_corpus() -> Corpus:
     return Corpus(DEFAULT_CORPUS, documents, describe)
 
 
+def content_fingerprint(files: list[Path]) -> str:
+    """A hash of the files' bytes (names, sizes and content), cached under lctx's cache directory by path, size and
+    modification time, so a large corpus is read once, not at every run."""
+    cache = Path(os.environ.get("LCTX_CACHE", Path.home() / ".cache" / "lctx")) / "fingerprints.json"
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    stamp = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    if stamp in known:
+        return known[stamp]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{file.stat().st_size}:".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+    value = digest.hexdigest()[:12]
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs a re-hash next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**known, stamp: value}), encoding="utf-8")
+        tmp.replace(cache)
+    return value
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -146,15 +175,20 @@ def file_corpus(path: str | Path, text_field: str = "text") -> Corpus:
             for file in files:
                 yield Document(file.name, _read_text(file))
 
-        return Corpus(str(path), documents,
+        return Corpus(f"{path}@{content_fingerprint(files)}", documents,
                       lambda s: f"{path}: directory of {len(files)} .txt files, one document each, sorted by name")
     if path.suffix == ".txt":
-        return Corpus(str(path), lambda s: iter([Document(path.name, _read_text(path))]),
+        return Corpus(f"{path}@{content_fingerprint([path])}", lambda s: iter([Document(path.name, _read_text(path))]),
                       lambda s: f"{path}: one .txt document")
     if path.suffix == ".jsonl":
         def documents(samples: int) -> Iterator[Document]:
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, 1):
+            with path.open("rb") as lines:
+                for number, raw in enumerate(lines, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise DataError(f"{path}:{number} is not UTF-8 text; convert the file (e.g. iconv -t utf-8)") \
+                            from None
                     if not line.strip():
                         continue
                     try:
@@ -167,7 +201,7 @@ def file_corpus(path: str | Path, text_field: str = "text") -> Corpus:
                                         "choose the field with --text-field")
                     yield Document(f"{path.name}:{number}", row[text_field])
 
-        return Corpus(f"{path}#{text_field}", documents,
+        return Corpus(f"{path}#{text_field}@{content_fingerprint([path])}", documents,
                       lambda s: f"{path}: one document per line, field {text_field!r}")
     raise DataError(f"--data {str(path)!r}: expected a .txt file, a directory of .txt files or a .jsonl file")
 

@@ -126,44 +126,59 @@ def reserved_cache(model, capacity: int) -> DynamicCache:
 
 
 @torch.inference_mode()
-def prefill(model, ids: list[int], chunk: int | None = None, reserve: int = 0):
-    """The model's output for prompt ``ids`` with its KV cache, last position's logits only, ``chunk`` at a time.
+def prefill(model, ids: list[int] | list[list[int]], chunk: int | None = None, reserve: int = 0):
+    """The model's output for prompt ``ids`` (or a batch of prompts of one length) with its KV cache, last
+    position's logits only, ``chunk`` tokens at a time.
 
     The cache has room for ``reserve`` more positions (what decoding will add) without reallocating.
     """
     name = _cache_name(model)
-    prompt = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
-    past: dict[str, Any] = {name: reserved_cache(model, len(ids) + reserve)}
-    step = chunk or len(ids)
-    for start in range(0, len(ids), step):
+    batch = ids if ids and isinstance(ids[0], list) else [ids]
+    prompt = torch.tensor(batch, device=model.get_input_embeddings().weight.device)
+    length = prompt.shape[1]
+    past: dict[str, Any] = {name: reserved_cache(model, length + reserve)}
+    step = chunk or length
+    for start in range(0, length, step):
         out = model(input_ids=prompt[:, start:start + step], use_cache=True, logits_to_keep=1, **past)
         past = {name: out[name]}
     return out
 
 
 @torch.inference_mode()
-def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: frozenset[int] | set[int], min_new_tokens: int = 0,
-           prefill_chunk: int | None = None) -> list[int]:
-    """Greedy decoding with the KV cache; the prefill computes logits for the last position only.
+def greedy_batch(model, batch: list[list[int]], max_new_tokens: int, stop_ids: frozenset[int] | set[int],
+                 min_new_tokens: int = 0, prefill_chunk: int | None = None) -> list[list[int]]:
+    """Greedy decoding with the KV cache of prompts of one length, side by side (no padding, so each row sees
+    exactly what it would alone); the prefill computes logits for the last position only.
 
-    ``prefill_chunk`` feeds the prompt through the cache that many tokens at a time (every lctx variant supports
+    ``prefill_chunk`` feeds the prompts through the cache that many tokens at a time (every lctx variant supports
     it: rotations depend on positions only, and length-dependent variants are frozen by the session). Stop tokens
-    cannot be chosen for the first ``min_new_tokens`` steps.
+    cannot be chosen for the first ``min_new_tokens`` steps. A row that stops keeps its answer; the batch goes on
+    until every row has stopped.
     """
     device = model.get_input_embeddings().weight.device
     name = _cache_name(model)
-    out = prefill(model, ids, prefill_chunk, reserve=max_new_tokens)
-    generated: list[int] = []
+    out = prefill(model, batch, prefill_chunk, reserve=max_new_tokens)
+    generated: list[list[int]] = [[] for _ in batch]
+    running = list(range(len(batch)))
     for step in range(max_new_tokens):
-        logits = out.logits[0, -1]
+        logits = out.logits[:, -1]
         if step < min_new_tokens and stop_ids:
-            logits = logits.index_fill(0, torch.tensor(sorted(stop_ids), device=logits.device), -torch.inf)
-        token = int(logits.argmax())
-        generated.append(token)
-        if token in stop_ids or step == max_new_tokens - 1:
+            logits = logits.index_fill(1, torch.tensor(sorted(stop_ids), device=logits.device), -torch.inf)
+        tokens = logits.argmax(-1).tolist()
+        for row in running:
+            generated[row].append(tokens[row])
+        running = [row for row in running if tokens[row] not in stop_ids]
+        if not running or step == max_new_tokens - 1:
             break
-        out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{name: out[name]})
+        out = model(input_ids=torch.tensor([[t] for t in tokens], device=device), use_cache=True,
+                    **{name: out[name]})
     return generated
+
+
+def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: frozenset[int] | set[int], min_new_tokens: int = 0,
+           prefill_chunk: int | None = None) -> list[int]:
+    """:func:`greedy_batch` of one prompt."""
+    return greedy_batch(model, [ids], max_new_tokens, stop_ids, min_new_tokens, prefill_chunk)[0]
 
 
 # ---- the memory-lean loss ------------------------------------------------------------------------------------
@@ -221,6 +236,9 @@ def check_head(model, ids: torch.Tensor | list[int], tokens: int = 64) -> None:
     with torch.inference_mode():
         logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float()
     plain = F.cross_entropy(logits, ids[1:].to(logits.device), reduction="none").cpu()
+    if not torch.isfinite(plain).all():
+        raise EngineError(f"{type(model).__name__}'s own logits are not finite on the first {len(ids)} tokens: "
+                          "the model diverges under this variant")
     if not torch.allclose(lean, plain, rtol=0.02, atol=0.05):
         worst = float((lean - plain).abs().max())
         raise EngineError(f"the chunked LM head differs from {type(model).__name__}'s own logits by up to "
@@ -231,14 +249,19 @@ def check_head(model, ids: torch.Tensor | list[int], tokens: int = 64) -> None:
 # ---- prompt pieces -------------------------------------------------------------------------------------------
 
 
-def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
-    """Ids of the chat template before and after a single user message (with the generation prompt)."""
+def render_chat(tokenizer, message: str) -> str:
+    """The chat template's text around one user message, with the generation prompt (what
+    ``apply_chat_template`` tokenizes, without adding special tokens again)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError("chat_template: this tokenizer has no chat template (a base model?); run without "
                                 "--chat-template")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MESSAGE}], tokenize=False,
-                                             add_generation_prompt=True)
-    before, found, after = rendered.partition(_MESSAGE)
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of the chat template before and after a single user message (with the generation prompt)."""
+    before, found, after = render_chat(tokenizer, _MESSAGE).partition(_MESSAGE)
     if not found:
         raise ChatTemplateError("chat_template: the tokenizer's chat template does not show the user message "
                                 "verbatim")
@@ -251,20 +274,23 @@ def chat_wrapper(tokenizer) -> tuple[list[int], list[int]]:
 class Engine:
     """A loaded model (or, before loading, its tokenizer alone) and the means to run it under a RoPE spec."""
 
-    def __init__(self, model, tokenizer, train_len: int, *, prefill_chunk: int | None = None, name: str = "") -> None:
+    def __init__(self, model, tokenizer, train_len: int, *, prefill_chunk: int | None = None, batch_size: int = 1,
+                 name: str = "") -> None:
         self.name = name  # the model reference, as given
         self.model = model
         self.tokenizer = tokenizer
         self.train_len = train_len
         self.prefill_chunk = prefill_chunk
+        self.batch_size = batch_size  # generation requests answered side by side, when their shapes agree
         self._pieces: dict[str, list[int]] = {}
         self._head_checked = model is None
 
     @classmethod
-    def from_loaded(cls, loaded, train_len: int | None = None, *, prefill_chunk: int | None = None) -> Engine:
+    def from_loaded(cls, loaded, train_len: int | None = None, *, prefill_chunk: int | None = None,
+                    batch_size: int = 1) -> Engine:
         """An engine over an :class:`lctx.models.Loaded` model."""
         return cls(loaded.model, loaded.tokenizer, train_len or loaded.train_len, prefill_chunk=prefill_chunk,
-                   name=loaded.name)
+                   batch_size=batch_size, name=loaded.name)
 
     # -- tokenizer-level pieces --
 
@@ -300,6 +326,11 @@ class Engine:
 
     def chat_wrapper(self) -> tuple[list[int], list[int]]:
         return chat_wrapper(self.tokenizer)
+
+    def chat(self, message: str) -> list[int]:
+        """Ids of ``message`` as the one user turn of the chat template, tokenized as one text (as
+        ``apply_chat_template(tokenize=True)`` does): the wrapper is not cut apart from the message."""
+        return encode(self.tokenizer, render_chat(self.tokenizer, message), special=False)
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -362,8 +393,17 @@ class Session:
 
     def generate(self, request: GenerateRequest) -> Generation:
         """A greedy answer; a length-dependent variant is frozen at the request's prompt + answer."""
-        if self.spec.length_dependent and self._seq_len != request.seq_len:
-            self._apply(request.seq_len)
-        tokens = greedy(self.engine.model, request.ids, request.max_new_tokens, request.stop,
-                        request.min_new_tokens, self.engine.prefill_chunk)
-        return Generation(tokens, self.engine.decode(tokens))
+        return self.generate_batch([request])[0]
+
+    def generate_batch(self, requests: list[GenerateRequest]) -> list[Generation]:
+        """Greedy answers to requests of one shape (prompt length, budget, stops) computed side by side; with
+        mixed shapes, one at a time."""
+        shapes = {(len(r.ids), r.max_new_tokens, r.stop, r.min_new_tokens) for r in requests}
+        if len(shapes) > 1:
+            return [g for r in requests for g in self.generate_batch([r])]
+        first = requests[0]
+        if self.spec.length_dependent and self._seq_len != first.seq_len:
+            self._apply(first.seq_len)
+        rows = greedy_batch(self.engine.model, [r.ids for r in requests], first.max_new_tokens, first.stop,
+                            first.min_new_tokens, self.engine.prefill_chunk)
+        return [Generation(tokens, self.engine.decode(tokens)) for tokens in rows]

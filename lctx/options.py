@@ -17,6 +17,7 @@ from typing import Any
 from lctx import memory
 from lctx.spec import Param, SpecError, Tokens, parse_lengths
 
+EXECUTORS = ("local", "ray")
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 RUN_PARAMS = (
     Param("dtype", str, "auto", "weights and activations: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
@@ -31,7 +32,15 @@ RUN_PARAMS = (
           "over this size, e.g. 3GiB"),
     Param("prefill_chunk", Tokens, None, "generation tasks: feed the prompt through the KV cache this many tokens "
           "at a time (e.g. 4k); results are the same", ge=1),
+    Param("batch_size", int, 1, "generation tasks: answer this many prompts of one length side by side (no "
+          "padding, so answers are those of batch 1 up to float rounding); the memory estimate grows with it", ge=1),
     Param("report", bool, True, "write the report (figures and dashboard) under the results directory at the end"),
+    Param("trust_remote_code", bool, False, "let a model run its own Python code (auto_map in its config); off, "
+          "such a model is refused with one line, never an interactive question"),
+    Param("executor", str, "local", "where cells are computed: local (this process) or ray (a Ray cluster's "
+          "workers; pip install 'lctx[ray]')", choices=EXECUTORS),
+    Param("ray_address", str, None, "Ray cluster to use with --executor ray (default: $RAY_ADDRESS, else a "
+          "local cluster started for the run)"),
 )
 RUN_PARAM_NAMES = tuple(p.name for p in RUN_PARAMS)
 
@@ -56,7 +65,11 @@ class RunOptions:
     target_len: int | None = None
     max_memory: int | None = None  # bytes
     prefill_chunk: int | None = None
+    batch_size: int = 1
     report: bool = True
+    trust_remote_code: bool = False
+    executor: str = "local"
+    ray_address: str | None = None
     argv: list[str] = field(default_factory=list)
 
 

@@ -63,6 +63,7 @@ class Plan:
     train_lens: dict[str, int]
     tasks: list[Task]
     all_keys: set[str]  # every cell of the command (all shards): what its report covers
+    fingerprints: dict[str, str | None]  # model -> lctx.models.fingerprint
 
     @property
     def keys(self) -> set[str]:
@@ -71,7 +72,9 @@ class Plan:
 
 
 def dtype_name(options: RunOptions) -> str:
-    return str(models.resolve_dtype(options.dtype, models.resolve_device(options.device))).removeprefix("torch.")
+    """The dtype cells run in; only ``auto`` depends on the device (a Ray driver plans for devices it has not)."""
+    device = models.resolve_device(options.device) if options.dtype == "auto" else torch.device("cpu")
+    return str(models.resolve_dtype(options.dtype, device)).removeprefix("torch.")
 
 
 def spec_text(spec: RopeSpec) -> str:
@@ -91,11 +94,13 @@ def plan(options: RunOptions) -> Plan:
     dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     units: list[Unit] = []
     train_lens: dict[str, int] = {}
+    fingerprints: dict[str, str | None] = {}
     for model in options.models:
-        config = models.load_config(model)
+        config = models.load_config(model, options.trust_remote_code)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         train_len = int(options.train_len) if options.train_len else training_length(text)
         train_lens[model] = train_len
+        fingerprints[model] = models.fingerprint(model)
         resolved: dict[str, tuple[RopeSpec, str]] = {}
         for spec in specs:
             full = spec.resolve(train_len, options.target_len)
@@ -103,7 +108,8 @@ def plan(options: RunOptions) -> Plan:
         for task in tasks:
             cells = task.cells(options.lengths)
             for full, typed in resolved.values():
-                base = {"model": model, "rope": full.canonical, "task": task.name, "task_spec": task.spec,
+                base = {"model": model, "model_fingerprint": fingerprints[model], "rope": full.canonical,
+                        "task": task.name, "task_spec": task.spec,
                         "config": task.identity(), "train_len": train_len, "dtype": dtype, "attn": options.attn}
                 for group in task.groups(full, cells):
                     unit = Unit(model, task, full, typed, group, train_len, base)
@@ -114,16 +120,17 @@ def plan(options: RunOptions) -> Plan:
     every = {unit.key(cell) for unit in units for cell in unit.cells}
     if options.shard is not None:
         units = shard_units(units, options.shard)
-    return Plan(units, len(every), train_lens, tasks, every)
+    return Plan(units, len(every), train_lens, tasks, every, fingerprints)
 
 
 def _estimate(config: Any, unit: Unit, options: RunOptions, dtype_bytes: int,
               prefill_chunk: int | None) -> memory.Estimate | None:
     """The unit's peak memory from the config alone; None for a config lctx.memory cannot read."""
+    batch = unit.task.memory_batch() * (options.batch_size if unit.task.memory_profile == "prefill" else 1)
     try:
         return memory.estimate(config, max(c.length for c in unit.cells), dtype_bytes=dtype_bytes,
                                profile=unit.task.memory_profile, attention=options.attn,
-                               chunked=unit.spec.variant.kind == "attention", batch=unit.task.memory_batch(),
+                               chunked=unit.spec.variant.kind == "attention", batch=batch,
                                prefill_chunk=prefill_chunk)
     except (TypeError, ValueError, AttributeError):
         return None

@@ -8,9 +8,10 @@ Layout of an output directory (``--out``, default ``results/``)::
     table.md, report/                the tables and the report, rewritten at the end of each run
 
 **What survives a crash.** Every finished cell is one line, written with a single ``write`` and ``fsync``ed
-before the next cell starts. A process killed mid-line (or a full disk) leaves at most a torn last line: the
-reader skips it (and says so), and the next append first ends it with a newline so the new record stands on a
-line of its own. Lines are decoded one by one, so a cut inside a multi-byte character loses that line only.
+before the next cell starts. A process killed mid-line (or a full disk) leaves at most a torn last line: readers
+skip it (and say so), the next writer drops it when it takes the lock (a record whole but for its newline is
+ended instead), and an append always starts on a line of its own. Lines are decoded one by one, so a cut inside
+a multi-byte character loses that line only.
 
 **One writer per records file.** A writer holds an advisory lock (``fcntl.flock`` on ``.<records file>.lock``)
 for as long as it runs; a second process asking for the same file is refused at once, naming the holder. Shards
@@ -18,15 +19,19 @@ write separate files, so shards of one run share a directory safely. Locks are l
 machines, give each its own ``--shard`` (or its own directory).
 
 A **cell** is one (model, rope, task spec, length[, depth]) under one configuration; its key is
-(model, rope, task_spec, length, depth, train_len, dtype, attn). When a key has several records, the newest
-(by ``finished_at``, then file order) wins. Re-running a command skips cells whose newest record has status ``ok``
-or ``oom`` (``--force`` recomputes; ``error`` cells, and cells skipped by ``--max-memory``, are always retried).
+(model, model_fingerprint, rope, task_spec, length, depth, train_len, dtype, attn). When a key has several
+records, the newest (by ``finished_at``, then file order) wins. Re-running a command skips cells whose newest record
+has status ``ok`` or ``oom`` (``--force`` recomputes; ``error`` cells, and cells skipped by ``--max-memory``, are
+always retried).
 
 Record schema (``schema`` = 2)::
 
     schema             2 (1: before task specs; still read, see lctx.evals.upgrade)
     run_id             id of the run that wrote it (names its manifest-<run_id>.json)
     model              model reference as given (--model)
+    model_fingerprint  local models: a hash of config.json and of each weight/tokenizer file's size, first and last
+                       MiB (lctx.models.fingerprint); null for hub ids. Records without it (written before it
+                       existed) count as the model's current files
     rope               canonical, fully resolved spec, e.g. "yarn:factor=4:beta_fast=32:...:logn=false"
     rope_input         the spec as typed, e.g. "yarn:factor=4"
     task               task name: ppl | passkey | niah | synthetic:niah-single | longbench:qasper | ...
@@ -68,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 2
-KEY_FIELDS = ("model", "rope", "task_spec", "length", "depth", "train_len", "dtype", "attn")
+KEY_FIELDS = ("model", "model_fingerprint", "rope", "task_spec", "length", "depth", "train_len", "dtype", "attn")
 DONE = ("ok", "oom")
 # field -> the JSON types a readable record may hold there (None: the field may be null or missing)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -76,6 +81,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "train_len": (int, type(None)), "dtype": (str, type(None)), "attn": (str, type(None)),
     "config": (dict, type(None)), "status": (str,), "metrics": (dict, type(None)),
     "finished_at": (str, type(None)), "task_spec": (str, type(None)), "schema": (int, type(None)),
+    "model_fingerprint": (str, type(None)),
 }
 
 
@@ -145,6 +151,13 @@ class Store:
 
     # -- writing --
 
+    def check(self) -> None:
+        """Fail now, with one line and creating nothing, when the directory could not be written (a file in the
+        way, no permission)."""
+        problem = unwritable(self.root)
+        if problem:
+            raise StoreError(f"results directory {str(self.root)!r} cannot be written: {problem}; choose another --out")
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[Store]:
         """Hold the records file's lock for the block; StoreError when another process holds it or when the
@@ -162,6 +175,7 @@ class Store:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+            self._end_torn_tail()
             self.read()
             if self.skipped.newer_schema:
                 raise StoreError(f"{self.root} holds {self.skipped.newer_schema} record(s) of a newer schema than "
@@ -174,19 +188,50 @@ class Store:
                 os.ftruncate(fd, 0)
             os.close(fd)
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write one record as one line and sync it; a torn last line (a crash mid-write) is ended first."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(json_safe(record), ensure_ascii=False) + "\n").encode("utf-8")
-        with self.path.open("ab") as handle:
-            if handle.tell() > 0:
-                with self.path.open("rb") as tail:
-                    tail.seek(-1, os.SEEK_END)
-                    if tail.read(1) != b"\n":
-                        line = b"\n" + line
-            handle.write(line)
+    def _end_torn_tail(self) -> None:
+        """Under the lock: a last line cut by a crash is dropped (a whole record missing only its newline is
+        ended instead), so the file holds whole lines only and readers stop warning about it."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) == b"\n":
+                return
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - 2**20)
+            handle.seek(start)
+            block = handle.read()
+            cut = block.rfind(b"\n") + 1
+            tail = block[cut:]
+            try:
+                whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                whole = False
+            if whole:
+                handle.write(b"\n")
+            elif cut or start == 0:
+                handle.truncate(start + cut)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line and sync it; a torn last line (a crash mid-write) is ended first."""
+        line = (json.dumps(json_safe(record), ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self.path.open("ab") as handle:
+                if handle.tell() > 0:
+                    with self.path.open("rb") as tail:
+                        tail.seek(-1, os.SEEK_END)
+                        if tail.read(1) != b"\n":
+                            line = b"\n" + line
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise StoreError(f"cannot write a record to {self.path}: {err.strerror or err}. The records written "
+                             "before are kept; free space (or fix the directory) and run the same command again to "
+                             "resume") from None
 
     # -- reading --
 
@@ -232,6 +277,18 @@ def parse(content: bytes, name: str, skipped: Skipped) -> list[dict[str, Any]]:
             continue
         out.append(record)
     return out
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why ``directory`` could not be created or written, or None; creates nothing (checked before any work)."""
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {str(existing)!r}"
+    return None
 
 
 def newest(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

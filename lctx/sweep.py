@@ -10,8 +10,9 @@ An experiment file names the grid in the same specs as the command line::
     lengths = [128, 512, "1k"]               # as --lengths
 
     [options]                                # run settings (dtype, device, attn, device_map, train_len,
-    samples = 4                              #   target_len, max_memory, prefill_chunk, report) and task
-    dtype = "fp32"                           #   parameters for every task that has them (samples, depths, …)
+    samples = 4                              #   target_len, max_memory, prefill_chunk, batch_size, report,
+    dtype = "fp32"                           #   executor, ray_address) and task parameters for every task
+                                             #   that has them (samples, depths, …)
 
 Every value is checked by the parameter it sets, as on the command line; a key that is neither a run setting nor
 a parameter of a selected task is an error naming the valid ones. Relative paths are relative to the current
@@ -139,13 +140,18 @@ def load(path: str | Path) -> Experiment:
 
 def run(path: str | Path, *, out: str | Path | None = None, report_out: str | Path | None = None,
         force: bool = False, shard: tuple[int, int] | None = None, console: Console | None = None,
-        argv: list[str] | None = None) -> int:
-    """Run the experiment (resumable) and write its report; returns the run's exit status.
+        argv: list[str] | None = None, settings: dict[str, Any] | None = None) -> int:
+    """Run the experiment (resumable) and write its report; returns the run's exit status. ``settings`` are run
+    settings given on the command line (``--executor``), over the file's.
+
+    With ``--shard`` no report is written: the other shards' cells are missing (``lctx report`` once all have
+    run); under a launcher, rank 0 writes it once every rank is done.
 
     Raises ExperimentError, or one of :data:`lctx.execute.USAGE_ERRORS`, before anything runs.
     """
     console = console or Console()
     experiment = load(path)
+    experiment.settings.update(settings or {})
     out = Path(out) if out is not None else Path("results") / experiment.name
     report_out = Path(report_out) if report_out is not None else Path("report") / experiment.name
     run_options = experiment.run_options(out, force=force, shard=shard, argv=argv)
@@ -155,6 +161,12 @@ def run(path: str | Path, *, out: str | Path | None = None, report_out: str | Pa
     result = execute.run(run_options, console)
     if result.code == execute.EXIT_INTERRUPTED:
         console.print("[yellow]Interrupted:[/] no report written; run the same command to resume.")
+        return result.code
+    if not result.lead:
+        return result.code
+    if shard is not None:
+        console.print(f"Shard {shard[0]}/{shard[1]} done; no report written (the other shards' cells are missing). "
+                      f"Once every shard has run: lctx report {out} --out {report_out}", highlight=False)
         return result.code
     records = [r for r in view.newest(results.Store(out).read())
                if results.cell_key(r) in result.plan.all_keys]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
@@ -81,6 +82,23 @@ class ToyConfig:
     lr: float = 3e-3
     warmup: int = 50
 
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot train (before any work)."""
+        problems = [
+            (self.layers >= 1, f"--layers {self.layers} must be at least 1"),
+            (self.dim >= 2, f"--dim {self.dim} must be at least 2"),
+            (self.heads >= 1 and self.dim % self.heads == 0, f"--heads {self.heads} must divide --dim {self.dim}"),
+            (self.heads >= 1 and self.dim % self.heads == 0 and (self.dim // self.heads) % 2 == 0,
+             f"--dim {self.dim} / --heads {self.heads} must be an even head size (RoPE rotates pairs)"),
+            (self.theta > 1 and math.isfinite(self.theta), f"--theta {self.theta:g} must be a RoPE base > 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr {self.lr:g} must be positive"),
+            (self.warmup >= 1, f"--warmup {self.warmup} must be at least 1"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(message)
+
     def model_config(self, context: int) -> LlamaConfig:
         intermediate = -(-8 * self.dim // 3 // 16) * 16  # Llama's 8/3 · dim, rounded up to a multiple of 16
         return LlamaConfig(
@@ -136,17 +154,29 @@ def train(context: int, out: Path | str, steps: int = 600, seed: int = 0, config
     training length that lctx reads. Returns the output directory.
     """
     config = config or ToyConfig()
+    config.check()
     if save_dtype not in SAVE_DTYPES:
-        raise ValueError(f"save_dtype {save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
-    if context < 2 or steps < 1 or config.warmup < 1:
-        raise ValueError("context must be >= 2, steps and warmup >= 1")
+        raise ValueError(f"--save-dtype {save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+    if context < 2 or steps < 1:
+        raise ValueError(f"--context {context} must be at least 2 and --steps {steps} at least 1")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory to save the model in")
+    try:  # fail now, not after minutes of training
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".lctx-probe").write_bytes(b"")
+        (out / ".lctx-probe").unlink()
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r} cannot be written: {err.strerror or err}") from None
     threads = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     tokenizer = byte_tokenizer()
     train_text, val_text = corpus()
     train_ids = torch.tensor(tokenizer(train_text, add_special_tokens=False).input_ids)
     val_ids = torch.tensor(tokenizer(val_text, add_special_tokens=False).input_ids)
+    if context + 2 > min(train_ids.numel(), val_ids.numel()):
+        raise ValueError(f"--context {context} is longer than the held-out corpus ({val_ids.numel()} tokens); use a "
+                         "shorter context")
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config.model_config(context))
@@ -182,6 +212,8 @@ def train(context: int, out: Path | str, steps: int = 600, seed: int = 0, config
     elapsed = time.perf_counter() - start
 
     model.eval()
+    if not math.isfinite(loss.item()):
+        raise ValueError(f"training diverged (loss {loss.item()}); lower --lr or check --theta. Nothing was saved")
     val_ppl = math.exp(_val_loss(model, val_ids, context))
     console.print(f"trained {steps} steps in {elapsed:.0f} s; final train loss {loss.item():.3f}, "
                   f"held-out PPL at {context} tokens: {val_ppl:.2f}")
@@ -239,4 +271,5 @@ def train_command(
     try:
         train(context, out, steps, seed, config, save_dtype=save_dtype, threads=threads or None)
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None

@@ -39,8 +39,8 @@ def make(spec: str, **params) -> evals.Task:
     return task
 
 
-def engine_of(loaded, prefill_chunk: int | None = None) -> Engine:
-    return Engine.from_loaded(loaded, prefill_chunk=prefill_chunk)
+def engine_of(loaded, prefill_chunk: int | None = None, batch_size: int = 1) -> Engine:
+    return Engine.from_loaded(loaded, prefill_chunk=prefill_chunk, batch_size=batch_size)
 
 
 def resolved(text: str, train_len: int) -> patches.RopeSpec:
@@ -95,7 +95,7 @@ def test_ppl_is_exp_of_token_weighted_mean_nll_and_skips_short_documents(tiny, t
     assert all(ids[0] == bos for _, ids in docs)  # the tokenizer adds a BOS: it is the first of the L tokens
     assert outcome.data["bos_added"] is True and outcome.data["bos_ids"] == [bos]
     assert outcome.data["documents"] == ["b.txt", "c.txt"] and outcome.data["skipped_short"] == 1
-    assert outcome.data["samples_used"] == 2 and outcome.data["id"] == str(folder)
+    assert outcome.data["samples_used"] == 2 and outcome.data["id"].startswith(f"{folder}@")
     assert outcome.notes == ["1 document(s) shorter than 160 tokens skipped"]
 
     fewer = make("ppl", data=str(folder), samples=5)
@@ -399,6 +399,35 @@ def test_passkey_cell_with_prefill_chunks_records_the_same_trials(tiny) -> None:
     assert [t["output"] for t in outcomes[0].samples] == [t["output"] for t in outcomes[1].samples]
 
 
+def test_batched_greedy_rows_equal_their_own_greedy_decoding_even_when_rows_stop_early() -> None:
+    model = tiny_model("llama")
+    prompts = [torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(s)).tolist()
+               for s in range(3)]
+    alone = [engine.greedy(model, ids, 8, set()) for ids in prompts]
+    stop = {alone[0][2]}  # row 0 stops at its third token at the latest; the others go on
+    expected = [engine.greedy(model, ids, 8, stop, prefill_chunk=16) for ids in prompts]
+    assert len(expected[0]) <= 3 and max(len(e) for e in expected) > 3
+    assert engine.greedy_batch(model, prompts, 8, stop, prefill_chunk=16) == expected
+
+
+@pytest.mark.parametrize("rope", ["rerope:window=32", "yarn:factor=2", "dynamic-ntk:factor=2"])
+def test_batched_passkey_trials_record_what_batch_one_records(tiny, rope) -> None:
+    task, cell = make("passkey", samples=4), Cell(300, 0.5)
+    batches: list[int] = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["input_ids"].shape[0]),
+                                                with_kwargs=True)
+    try:
+        one = task.run(engine_of(tiny), resolved(rope, 256), [cell], no_report)[cell]
+        assert set(batches) == {1}
+        batches.clear()
+        three = task.run(engine_of(tiny, batch_size=3), resolved(rope, 256), [cell], no_report)[cell]
+    finally:
+        hook.remove()
+    assert 3 in batches  # trials of one prompt length went through side by side
+    assert [t["output"] for t in three.samples] == [t["output"] for t in one.samples]
+    assert three.metrics == one.metrics
+
+
 def test_reserved_cache_equals_concatenation_and_grows_past_its_reserve() -> None:
     model = tiny_model("llama")
     cache, plain = engine.reserved_cache(model, 10), DynamicCache(config=model.config)
@@ -409,3 +438,20 @@ def test_reserved_cache_equals_concatenation_and_grows_past_its_reserve() -> Non
     assert cache.get_seq_length() == 16 and cache.layers[0].capacity == 20
     cache.crop(-3)
     assert cache.get_seq_length() == 13 and cache.layers[0].filled == 13
+
+
+def test_passkey_and_niah_honour_the_chat_template_and_record_it(tiny_tokenizer) -> None:
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<s>[USER] {{ m['content'] }} [/USER]{% endfor %}"
+                               "{% if add_generation_prompt %} [BOT]{% endif %}")
+    engine = Engine(None, tokenizer, 256)
+    before, after = engine.chat_wrapper()
+    for name in ("passkey", "niah"):
+        chat, plain = make(name, chat_template=True), make(name)
+        assert chat.spec != plain.spec and "chat_template=true" in chat.spec  # part of the cell's identity
+        prompt = chat.build_prompt(engine, 300, 0.5, 0)
+        assert len(prompt.ids) == 300 and prompt.ids[:len(before)] == before and prompt.ids[-len(after):] == after
+        assert tokenizer.decode(prompt.ids).count("[USER]") == 1
+        assert plain.build_prompt(engine, 300, 0.5, 0).ids[:len(before)] != before

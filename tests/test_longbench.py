@@ -162,10 +162,10 @@ def wilson_reference(k: int, n: int) -> tuple[float, float]:
 
 def test_v2_metrics_by_difficulty_and_length() -> None:
     rows = [
-        {"difficulty": "easy", "length": "short", "correct": True, "prediction": "A"},
-        {"difficulty": "easy", "length": "long", "correct": False, "prediction": None},
-        {"difficulty": "hard", "length": "short", "correct": True, "prediction": "C"},
-        {"difficulty": "hard", "length": "short", "correct": False, "prediction": "B"},
+        {"difficulty": "easy", "length": "short", "correct": True, "prediction": "A", "empty": False},
+        {"difficulty": "easy", "length": "long", "correct": False, "prediction": None, "empty": False},
+        {"difficulty": "hard", "length": "short", "correct": True, "prediction": "C", "empty": False},
+        {"difficulty": "hard", "length": "short", "correct": False, "prediction": "B", "empty": False},
     ]
     metrics = lb.v2_metrics(rows)
     assert (metrics["accuracy"], metrics["correct"], metrics["trials"]) == (0.5, 2, 4)  # 2 of 4
@@ -175,6 +175,28 @@ def test_v2_metrics_by_difficulty_and_length() -> None:
     assert metrics["accuracy_long"] == 0.0 and metrics["accuracy_medium"] is None  # none medium
     assert (metrics["ci_low_short"], metrics["ci_high_short"]) == pytest.approx(wilson_reference(2, 3))
     assert metrics["unanswered"] == 1
+    assert metrics["accuracy_strict"] == 0.5 and metrics["excluded"] == 0  # nothing empty: both conventions agree
+
+
+def test_v2_empty_outputs_are_excluded_officially_and_wrong_strictly() -> None:
+    """pred.py writes no result for an empty output and result.py divides by those left: 2 correct of the 3
+    answered (2/3); counted wrong, 2 of 4. The easy group: 1 answered of 2: 1/1 officially, 1/2 strictly."""
+    rows = [
+        {"difficulty": "easy", "length": "short", "correct": True, "prediction": "A", "empty": False},
+        {"difficulty": "easy", "length": "long", "correct": False, "prediction": None, "empty": True},
+        {"difficulty": "hard", "length": "short", "correct": True, "prediction": "C", "empty": False},
+        {"difficulty": "hard", "length": "short", "correct": False, "prediction": "B", "empty": False},
+    ]
+    metrics = lb.v2_metrics(rows)
+    assert (metrics["accuracy"], metrics["correct"], metrics["trials"]) == (pytest.approx(2 / 3), 2, 3)
+    assert (metrics["accuracy_strict"], metrics["trials_strict"]) == (0.5, 4)
+    assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_reference(2, 3))
+    assert (metrics["ci_low_strict"], metrics["ci_high_strict"]) == pytest.approx(wilson_reference(2, 4))
+    assert metrics["excluded"] == 1 and metrics["unanswered"] == 1
+    assert metrics["accuracy_easy"] == 1.0 and metrics["accuracy_strict_easy"] == 0.5
+    assert metrics["accuracy_long"] is None and metrics["accuracy_strict_long"] == 0.0  # result.py: division by 0
+    everything_empty = lb.v2_metrics([{**r, "empty": True, "correct": False} for r in rows])
+    assert everything_empty["accuracy"] is None and everything_empty["accuracy_strict"] == 0.0
 
 
 # ---- prompts and truncation ---------------------------------------------------------------------------------
@@ -213,34 +235,34 @@ def test_middle_truncation_keeps_head_and_tail() -> None:
     assert prompts.middle_truncate(ids, 10) == ids and prompts.middle_truncate(ids, 50) == ids
 
 
-def test_prompt_is_cut_exactly_in_token_space(tiny_tokenizer) -> None:
+def test_exact_budget_cuts_exactly_in_token_space(tiny_tokenizer) -> None:
     text = prompts.v1_text("hotpotqa", example(context=" ".join(f"Passage {i}: the number is {i}." for i in range(60))))
     full = tiny_tokenizer(text)["input_ids"]  # the tokenizer's own encoding, BOS included
     assert full[0] == tiny_tokenizer.bos_token_id and len(full) > 300
     for budget in (99, 100, 257):
-        prompt = prompts.build_prompt(Engine(None, tiny_tokenizer, 256), text, budget, chat=False)
+        prompt = prompts.exact_prompt(Engine(None, tiny_tokenizer, 256), text, budget, chat=False)
         assert len(prompt.ids) == budget and prompt.truncated and prompt.full_tokens == len(full)
         assert prompt.ids == full[:budget // 2] + full[len(full) - (budget - budget // 2):]
-    whole = prompts.build_prompt(Engine(None, tiny_tokenizer, 256), text, 10_000, chat=False)
+    whole = prompts.exact_prompt(Engine(None, tiny_tokenizer, 256), text, 10_000, chat=False)
     assert whole.ids == full and not whole.truncated
 
 
-def test_chat_template_wraps_and_counts_against_the_budget(tiny_tokenizer) -> None:
+def test_exact_budget_counts_the_chat_template(tiny_tokenizer) -> None:
     import copy
 
     tok = copy.deepcopy(tiny_tokenizer)
     with pytest.raises(engine.ChatTemplateError, match="no chat template.*without --chat-template"):
-        prompts.build_prompt(Engine(None, tok, 256), "hello", 50, chat=True)
+        prompts.exact_prompt(Engine(None, tok, 256), "hello", 50, chat=True)
     tok.chat_template = ("{% for m in messages %}<s>[USER] {{ m['content'] }} [/USER]{% endfor %}"
                          "{% if add_generation_prompt %} [BOT]{% endif %}")
     before = tok("<s>[USER] ", add_special_tokens=False)["input_ids"]
     after = tok(" [/USER] [BOT]", add_special_tokens=False)["input_ids"]
     body = tok("word " * 200, add_special_tokens=False)["input_ids"]
-    prompt = prompts.build_prompt(Engine(None, tok, 256), "word " * 200, 80, chat=True)
+    prompt = prompts.exact_prompt(Engine(None, tok, 256), "word " * 200, 80, chat=True)
     room = 80 - len(before) - len(after)
     assert len(prompt.ids) == 80 and prompt.chat
     assert prompt.ids == before + body[:room // 2] + body[len(body) - (room - room // 2):] + after
-    short = prompts.build_prompt(Engine(None, tok, 256), "hi", 80, chat=True)
+    short = prompts.exact_prompt(Engine(None, tok, 256), "hi", 80, chat=True)
     assert short.ids == before + tok("hi", add_special_tokens=False)["input_ids"] + after
 
 
@@ -274,9 +296,10 @@ def eval_args(model_dir, out, data_dir, *extra) -> list[str]:
 
 
 def test_longbench_eval_end_to_end_records(tmp_path, tiny_model_dir, tiny) -> None:
+    """budget=exact: prompts of length − max_new_tokens ids at most, sliced in token space."""
     write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(3))
     out = tmp_path / "out"
-    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa",
+    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa:budget=exact",
                                        "--lengths", "96,2000", "--samples", "2"))
     assert result.exit_code == 0, result.output
     records = {r["length"]: r for r in view.newest(results.Store(out).read())}
@@ -285,7 +308,7 @@ def test_longbench_eval_end_to_end_records(tmp_path, tiny_model_dir, tiny) -> No
     for length, record in records.items():
         assert record["task"] == "longbench:hotpotqa" and record["status"] == "ok"
         assert record["config"] == {"samples": 2, "data": str(tmp_path), "chat_template": False,
-                                    "max_new_tokens": 32}
+                                    "max_new_tokens": 32, "budget": "exact"}
         assert record["metrics"]["examples"] == 2 and len(record["samples"]) == 2
         for i, sample in enumerate(record["samples"]):
             full = tok(prompts.v1_text("hotpotqa", lbdata.parse_v1(v1_rows(3)[i], "t", "hotpotqa")))["input_ids"]
@@ -304,9 +327,39 @@ def test_longbench_eval_end_to_end_records(tmp_path, tiny_model_dir, tiny) -> No
     assert records[96]["metrics"]["truncated"] == 2 and records[2000]["metrics"]["truncated"] == 0
     assert records[96]["data"]["source"] == str(tmp_path / "hotpotqa.jsonl")
     # the same command again finds both cells recorded
-    again = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa",
+    again = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa:budget=exact",
                                       "--lengths", "96,2000", "--samples", "2"))
     assert again.exit_code == 0 and "2 already recorded" in flat(again)
+
+
+def test_longbench_official_budget_end_to_end(tmp_path, tiny_model_dir, tiny) -> None:
+    """The default, budget=official: pred.py's max_length for the length, each half decoded, the text encoded
+    again (written out here as pred.py does it); the answer generated after it."""
+    write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(2))
+    out = tmp_path / "out"
+    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:hotpotqa",
+                                       "--lengths", "700,3000", "--max-new-tokens", "3"))
+    assert result.exit_code == 0, result.output
+    records = {r["length"]: r for r in view.newest(results.Store(out).read())}
+    tok = tiny.tokenizer
+    for length, max_length in ((700, 683 - 500), (3000, 2929 - 500)):  # ⌊length·1000/1024⌋ − 500
+        record = records[length]
+        assert record["task_spec"].endswith(":budget=official") and record["data"]["prompt_budget"] == max_length
+        for i, sample in enumerate(record["samples"]):
+            text = prompts.v1_text("hotpotqa", lbdata.parse_v1(v1_rows(2)[i], "t", "hotpotqa"))
+            ids = tok(text).input_ids
+            if len(ids) > max_length:
+                half = int(max_length / 2)
+                text = tok.decode(ids[:half], skip_special_tokens=True) + tok.decode(ids[-half:],
+                                                                                     skip_special_tokens=True)
+            reference = tok(text).input_ids
+            assert sample["prompt_tokens"] == len(reference) and sample["full_tokens"] == len(ids)
+            assert sample["truncated"] == (len(ids) > max_length)
+            with torch.no_grad():
+                answer = tiny.model.generate(torch.tensor([reference]), max_new_tokens=3, do_sample=False,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            assert sample["prediction"] == tok.decode(answer[0, len(reference):], skip_special_tokens=True)
+    assert records[700]["metrics"]["truncated"] == 2 and records[3000]["metrics"]["truncated"] == 0
 
 
 def test_longbench_e_records_length_buckets(tmp_path, tiny_model_dir) -> None:
@@ -317,7 +370,7 @@ def test_longbench_e_records_length_buckets(tmp_path, tiny_model_dir) -> None:
     write_jsonl(tmp_path / "trec_e.jsonl", rows)
     out = tmp_path / "out"
     result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench:trec_e", "--lengths",
-                                       "200", "--max-new-tokens", "4"))
+                                       "200", "--max-new-tokens", "4", "--task-arg", "budget=exact"))
     assert result.exit_code == 0, result.output
     (record,) = view.newest(results.Store(out).read())
     metrics, samples = record["metrics"], record["samples"]
@@ -334,10 +387,11 @@ def test_longbench_v2_end_to_end(tmp_path, tiny_model_dir) -> None:
              "question": f"Which town is number {i}?", "choice_A": "one", "choice_B": "two", "choice_C": "three",
              "choice_D": "four", "answer": "ABCD"[i], "context": "Town one. Town two. " * 20}
             for i, (difficulty, length) in enumerate([("easy", "short"), ("hard", "short"), ("hard", "long")])]
-    write_jsonl(tmp_path / "longbench_v2.jsonl", rows)
+    write_jsonl(tmp_path / "longbench_v2_short.jsonl", rows)  # any one .jsonl of v2 questions
+    write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(1))  # v1 files beside it are not v2 files
     out = tmp_path / "out"
-    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench-v2", "--lengths", "150",
-                                       "--max-new-tokens", "6"))
+    result = cli.invoke(app, eval_args(tiny_model_dir, out, tmp_path, "--task", "longbench-v2:budget=exact",
+                                       "--lengths", "150", "--max-new-tokens", "6"))
     assert result.exit_code == 0, result.output
     (record,) = view.newest(results.Store(out).read())
     metrics, samples = record["metrics"], record["samples"]
@@ -348,6 +402,10 @@ def test_longbench_v2_end_to_end(tmp_path, tiny_model_dir) -> None:
     assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_reference(correct, 3))
     assert metrics["trials_hard"] == 2 and metrics["trials_easy"] == 1 and metrics["trials_long"] == 1
     assert metrics["trials_medium"] == 0 and metrics["accuracy_medium"] is None
+    assert record["data"]["source"] == str(tmp_path / "longbench_v2_short.jsonl")
+    write_jsonl(tmp_path / "other_v2.jsonl", rows)
+    with pytest.raises(data.DataError, match=r"several LongBench v2 files \(longbench_v2_short.jsonl, other_v2"):
+        task("longbench-v2", tmp_path)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
@@ -378,7 +436,7 @@ def test_missing_data_file_and_offline_hub_name_data_dir(tmp_path, monkeypatch) 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(data.DataError, match=r"no --data-dir given and the HuggingFace hub is offline.*--data-dir"):
         task("longbench:hotpotqa", None)
-    with pytest.raises(data.DataError, match="longbench_v2.jsonl nor data.json"):
+    with pytest.raises(data.DataError, match="longbench_v2.jsonl nor data.json nor another .jsonl"):
         task("longbench-v2", tmp_path)
 
 
@@ -406,16 +464,21 @@ def test_bad_jsonl_is_named_by_line_and_field(tmp_path) -> None:
 def test_option_errors(tmp_path, tiny_model_dir) -> None:
     write_jsonl(tmp_path / "hotpotqa.jsonl", v1_rows(1))
     write_jsonl(tmp_path / "lcc.jsonl", v1_rows(1, "lcc"))
-    result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:hotpotqa",
-                                       "--lengths", "32"))
+    result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task",
+                                       "longbench:hotpotqa:budget=exact", "--lengths", "32"))
     assert result.exit_code == 2
     assert "length 32 leaves no room for the prompt: 32 tokens are kept for the answer" in flat(result)
+    result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:hotpotqa",
+                                       "--lengths", "500"))
+    assert result.exit_code == 2
+    assert "length 500 leaves no prompt under LongBench's official budget (⌊length·1000/1024⌋ − 500 = -12" in \
+        flat(result)
     result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:lcc",
                                        "--task-arg", "edit_sim=exact"))
     assert result.exit_code == 2 and "edit_sim=exact is not valid" in flat(result)
     assert "one of difflib, levenshtein" in flat(result)
     result = cli.invoke(app, eval_args(tiny_model_dir, tmp_path / "o", tmp_path, "--task", "longbench:hotpotqa",
-                                       "--chat-template", "--lengths", "200"))
+                                       "--chat-template", "--lengths", "2000"))
     assert result.exit_code == 2 and "no chat template" in flat(result)
 
 

@@ -142,17 +142,17 @@ def _toy_config():
     return models.load_config(TOY)
 
 
-@pytest.mark.parametrize("chunk", [None, 256])
-def test_prefill_estimate_bounds_the_live_tensors_with_and_without_chunks(chunk: int | None) -> None:
-    """A cached prefill (what generation tasks run): activations, KV cache and the chunk's mask."""
+@pytest.mark.parametrize(("chunk", "batch"), [(None, 1), (256, 1), (None, 3), (256, 3)])
+def test_prefill_estimate_bounds_the_live_tensors_with_and_without_chunks(chunk: int | None, batch: int) -> None:
+    """A cached prefill (what generation tasks run): activations, KV cache and the chunk's mask, per batch row."""
     from lctx.engine import prefill
 
     model = tiny_model("llama", hidden_size=128, intermediate_size=384, num_hidden_layers=3)
-    ids = torch.randint(3, 128, (1024,)).tolist()
+    ids = [torch.randint(3, 128, (1024,)).tolist() for _ in range(batch)]
     with LiveBytes() as live:
         out = prefill(model, ids, chunk)
     del out
-    e = memory.estimate(model.config, 1024, profile="prefill", prefill_chunk=chunk)
+    e = memory.estimate(model.config, 1024, profile="prefill", prefill_chunk=chunk, batch=batch)
     assert live.peak <= e.total - e.weights <= 2 * live.peak, (live.peak, e)
 
 
@@ -175,6 +175,10 @@ def test_over_budget_generation_cells_suggest_prefill_chunks_that_fit(tmp_path, 
     assert result.exit_code == 0, result.output
     latest = records(tmp_path)[-1]
     assert latest["status"] == "ok" and latest["memory_estimate_bytes"] == chunked and "over_budget" not in latest
+    result = CliRunner().invoke(app, [*args, "--prefill-chunk", "128", "--batch-size", "3", "--force"])
+    assert result.exit_code == 0, result.output
+    assert records(tmp_path)[-1]["memory_estimate_bytes"] == memory.estimate(
+        _toy_config(), 512, profile="prefill", prefill_chunk=128, batch=3).total > chunked
 
 
 def test_decoding_keeps_within_the_prefill_estimate() -> None:

@@ -101,3 +101,32 @@ def test_attention_variant_rejects_unknown_architecture(monkeypatch) -> None:
     with pytest.raises(UnsupportedModelError, match="supports the architectures llama, mistral.*'exotic'"):
         with patches.apply(model, name):
             pass
+
+
+def test_two_processes_converting_one_gguf_file_both_get_the_cache(tmp_path, monkeypatch) -> None:
+    """Ranks or workers on one machine may convert the same GGUF file at once: the one that finishes second
+    uses the first one's copy instead of failing on the rename."""
+    import transformers
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("LCTX_CACHE", str(tmp_path / "cache"))
+    target = models.gguf_cache(gguf)
+
+    class Saved:
+        config = None
+
+        def save_pretrained(self, path) -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+            if not target.exists():  # the other process finishes its conversion meanwhile
+                target.mkdir(parents=True)
+                (target / "config.json").write_text('{"first": true}')
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr(models, "AutoTokenizer", transformers.AutoTokenizer)
+    assert models._convert_gguf(gguf) == target
+    assert (target / "config.json").read_text() == '{"first": true}'
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert left == [target.name, target.name + ".lock"]  # the second copy removed (the lock file stays)

@@ -20,8 +20,11 @@ SCHEMA1 = ROOT / "tests" / "data" / "records-schema1"
 COMMANDS = [
     ["--task", "ppl,passkey,niah", "--samples", "1", "--depths", "0,1", "--lengths", "256,512",
      "--max-new-tokens", "4"],
-    ["--task", "synthetic:fwe,variable-tracking", "--samples", "1", "--lengths", "2048", "--max-new-tokens", "4"],
-    ["--task", "longbench:hotpotqa", "--data-dir", "tests/data/longbench-mini", "--lengths", "512",
+    # made with lctx's exact-length generator at seed 0, the defaults then (issue 18 made RULER's the default)
+    ["--task", "synthetic:fwe,variable-tracking", "--samples", "1", "--lengths", "2048", "--max-new-tokens", "4",
+     "--task-arg", "fit=exact", "--seed", "0"],
+    # made with lctx's exact budget, the only one then (issue 18 made LongBench's official budget the default)
+    ["--task", "longbench:hotpotqa:budget=exact", "--data-dir", "tests/data/longbench-mini", "--lengths", "512",
      "--max-new-tokens", "4"],
 ]
 
@@ -50,8 +53,9 @@ def test_schema_1_records_load_with_todays_identity() -> None:
     assert specs["ppl"] == "ppl:samples=1:last_k=256:data=pydoc"
     assert specs["passkey"] == "passkey:samples=1:seed=0:max_new_tokens=4:chat_template=false"
     assert specs["longbench:hotpotqa"] == ("longbench:hotpotqa:data=tests/data/longbench-mini:chat_template=false:"
-                                           "max_new_tokens=4")  # samples "all" then, unset (every example) now
+                                           "max_new_tokens=4:budget=exact")  # samples "all" then, unset now
     assert specs["synthetic:frequent-words"].startswith("synthetic:frequent-words:samples=1:seed=0:")
+    assert ":fit=exact" in specs["synthetic:frequent-words"]  # made by lctx's exact-length generator
 
 
 def test_schema_1_records_resume_nothing_is_recomputed(tmp_path, monkeypatch) -> None:

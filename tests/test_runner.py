@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from lctx import engine, results, view
 from lctx.cli import app
+from lctx.data import content_fingerprint
 from lctx.evals import ppl
 from lctx.meter import Meter, is_oom
 
@@ -93,9 +94,9 @@ def test_eval_records_every_cell_with_its_manifest(tiny_model_dir, tmp_path, doc
     assert [len(v) for v in by_task.values()] == [4, 8, 8]
 
     for row in by_task["ppl"]:
-        assert row["depth"] is None and row["config"] == {"samples": 2, "stride": None, "last_k": 256,
-                                                          "data": str(docs)}
-        assert row["task_spec"] == f"ppl:samples=2:last_k=256:data={docs}"
+        data_id = f"{docs}@{content_fingerprint(sorted(docs.glob('*.txt')))}"  # the corpus's content is its identity
+        assert row["depth"] is None and row["config"] == {"samples": 2, "stride": None, "last_k": 256, "data": data_id}
+        assert row["task_spec"] == f"ppl:samples=2:last_k=256:data={data_id}"
         assert row["data"]["skipped_short"] == 1 and row["data"]["documents"] == ["attribute-access.txt",
                                                                                    "comparisons.txt"]
         assert row["shared_forward"] == [200, 300]  # both variants are length-independent: one forward each

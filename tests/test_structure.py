@@ -90,7 +90,7 @@ def test_lctx_tasks_json_lists_every_task_with_its_parameters() -> None:
     rows = {row["name"]: row for row in json.loads(done.output)}
     assert {"ppl", "passkey", "niah", "longbench-v2", "lm-eval:<task>", "synthetic:kv-retrieval",
             "longbench:qasper", "longbench:qasper_e"} <= set(rows)
-    assert len([n for n in rows if n.startswith("synthetic:")]) == 9
+    assert len([n for n in rows if n.startswith("synthetic:")]) == 9 + 2  # and RULER's two QA tasks
     assert len([n for n in rows if n.startswith("longbench:")]) == 21 + 13
     ppl = {p["name"]: p for p in rows["ppl"]["params"]}
     assert ppl["stride"] == {"name": "stride", "type": "length", "default": None, "required": False, "bounds": "≥ 1",

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def wide_console(monkeypatch) -> None:
     from lctx import cli
 
-    monkeypatch.setattr(cli.console, "width", 200)
+    # the attribute, not the property: monkeypatch's undo must restore "no fixed width", not pin today's 80
+    monkeypatch.setattr(cli.console, "_width", 200)
 
 
 def write(path: Path, text: str) -> Path:

@@ -1,4 +1,5 @@
-"""RULER-style synthetic tasks: exact lengths, answers checked in the decoded prompts, scoring, effective length."""
+"""RULER's synthetic tasks: RULER's layout (fit=ruler, the default) and lctx's exact lengths (fit=exact), answers
+checked in the decoded prompts, scoring, effective length. (Equality with RULER's own generator: test_golden_ruler.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -20,6 +22,8 @@ from lctx.execute import run
 from lctx.options import RunOptions
 from lctx.view import summaries
 
+ROOT = Path(__file__).resolve().parent
+
 # lengths the tiny tokenizer (vocab 512, ~1.6 characters per token) can build every member at
 SHORT = {"niah-single": 400, "niah-uuid": 500, "niah-multikey": 700, "niah-multivalue": 700,
          "niah-multiquery": 800, "kv-retrieval": 700, "variable-tracking": 1200, "common-words": 1500,
@@ -27,7 +31,14 @@ SHORT = {"niah-single": 400, "niah-uuid": 500, "niah-multikey": 700, "niah-multi
 
 
 def member(name: str, **params) -> base.SyntheticTask:
-    """``synthetic:<name>`` with these parameters (as --task-arg or a spec's key=value would give them)."""
+    """``synthetic:<name>`` with lctx's exact-length generator (``fit=exact``) and these parameters (as --task-arg
+    or a spec's key=value would give them)."""
+    (task,) = evals.resolve(f"synthetic:{name}", {"fit": "exact", **params})
+    return task
+
+
+def official(name: str, **params) -> base.SyntheticTask:
+    """``synthetic:<name>`` as RULER builds it (the default, ``fit=ruler``)."""
     (task,) = evals.resolve(f"synthetic:{name}", params)
     return task
 
@@ -41,15 +52,116 @@ def text(tokenizer, prompt: syn.Prompt) -> str:
     return tokenizer.decode(prompt.ids)
 
 
+def plain(tokenizer, prompt: syn.Prompt) -> str:
+    """The prompt's text without the tokenizer's special tokens (RULER's prompt text)."""
+    return tokenizer.decode(prompt.ids, skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def ctx(tiny_tokenizer) -> Engine:
     return light(tiny_tokenizer)
 
 
-# ---- prompts -----------------------------------------------------------------------------------------------
+# ---- prompts as RULER builds them (fit=ruler) ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(syn.MEMBERS))
+def test_ruler_length_convention_prompt_and_answer_within_the_length(ctx, tiny_tokenizer):
+    """RULER counts the prompt's tokens (no BOS) + tokens_to_generate against the length; lctx's exact mode makes
+    the prompt itself the length."""
+    for name, length in (("niah-single:haystack=noise", 700), ("variable-tracking", 1500), ("frequent-words", 900)):
+        task = official(name)
+        prompts = task.prompts(ctx, length)
+        assert len(prompts) == 5 and len({tuple(p.ids) for p in prompts}) == 5
+        for prompt in prompts:
+            counted = len(prompt.ids) - 1  # the BOS the tokenizer adds, which RULER does not count
+            assert prompt.ids[0] == tiny_tokenizer.bos_token_id
+            assert counted + task.args.max_new_tokens == prompt.info["ruler_length"] <= length
+            assert prompt.info["ruler_length"] > 0.75 * length  # near it: RULER searches the largest haystack
+        exact = member(name.split(":")[0], **dict(p.split("=") for p in name.split(":")[1:]))
+        assert len(exact.build(ctx, length, 0).ids) == length
+
+
+def test_ruler_noise_haystack_lines_and_needle_lines(ctx, tiny_tokenizer):
+    """Each noise block on its own line, each needle on its own line between them; kv retrieval: needle lines
+    only, no filler and no blank line before the question."""
+    prompt = official("niah-multikey:haystack=noise").prompts(ctx, 1200)[0]
+    lines = plain(tiny_tokenizer, prompt).split("\n")
+    body = lines[1:-1]
+    assert lines[0].startswith("A special magic number is hidden")  # one asked of 4 keys: RULER's singular
+    assert all(line == syn.base.FILLER or NEEDLE.fullmatch(line) for line in body)
+    assert sum(bool(NEEDLE.fullmatch(line)) for line in body) == 4
+    kv = plain(tiny_tokenizer, official("kv-retrieval").prompts(ctx, 1500)[0]).split("\n")
+    assert all(NEEDLE.fullmatch(line) for line in kv[1:-1]) and "" not in kv and len(kv) > 10
+
+
+def test_ruler_keys_are_wonderwords_pairs_asked_in_random_order(ctx, tiny_tokenizer):
+    from lctx.evals.synthetic import ruler
+
+    adjectives = set(ruler._wonderwords("adjectivelist.txt"))
+    nouns = set(ruler._wonderwords("nounlist.txt"))
+    orders = []
+    for prompt in official("niah-multiquery:haystack=noise").prompts(ctx, 1500):
+        keys = prompt.info["query_keys"]
+        assert all(any(k == f"{a}-{n}" for a in adjectives if k.startswith(a + "-") for n in nouns) for k in keys)
+        decoded = plain(tiny_tokenizer, prompt)
+        hidden = [key for _, key, _ in NEEDLE.findall(decoded)]
+        orders.append([hidden.index(k) for k in keys])
+        assert decoded.endswith(f"for {', '.join(keys[:-1])}, and {keys[-1]} mentioned in the provided text are")
+    assert any(order != sorted(order) for order in orders)  # asked in RULER's random order, not sorted
+
+
+def test_ruler_variable_tracking_details(ctx, tiny_tokenizer):
+    """One statement per line (``VAR B = VAR A `` with RULER's trailing space), values below 99999, the answer
+    prefix ending in a space, the worked example answered on its own line before the task."""
+    for prompt in official("variable-tracking").prompts(ctx, 2000):
+        decoded = plain(tiny_tokenizer, prompt)
+        example, main = decoded.split("\n\nMemorize and track the chain(s)", 1)
+        assert re.search(r"they are:  ([A-Z]{3} ){4}[A-Z]{3}$", example)  # prefix "are: " + " " + names
+        lines = main.split("\n")
+        statements = [line for line in lines if line.startswith("VAR ")]
+        assert len(statements) == 5 and all(line in lines for line in statements)
+        value = re.fullmatch(r"VAR [A-Z]{5} = (\d{5})", statements[0]).group(1)
+        assert 10000 <= int(value) <= 99998
+        assert all(re.fullmatch(r"VAR [A-Z]{5} = VAR [A-Z]{5} ", line) for line in statements[1:])
+        assert decoded.endswith(f"5 variables are assigned the value {value}, they are: ")
+
+
+def test_ruler_common_and_frequent_words(ctx, tiny_tokenizer):
+    from lctx.evals.synthetic import ruler
+
+    vocabulary = set(ruler.common_words(42))
+    prompt = official("common-words").prompts(ctx, 1500)[0]
+    decoded = plain(tiny_tokenizer, prompt)
+    main = decoded.rsplit("Below is a numbered list of words.", 1)[1].split("\nQuestion:")[0]
+    items = re.findall(r"(?:^|(?<= ))(\d+)\. (\S+(?: \S+)?)(?= \d+\. |$)", main.split("\n", 1)[1])
+    assert main.split("\n", 1)[1].startswith("1. ")  # "1. word", not " 1. word"
+    counts = Counter(word for _, word in items)
+    assert set(counts) <= vocabulary and sorted(w for w, n in counts.items() if n == 6) == sorted(prompt.answers)
+    fwe = official("frequent-words").prompts(ctx, 1050)[0]
+    body = plain(tiny_tokenizer, fwe).split("coded words. ", 1)[1].split("\nQuestion:")[0]
+    assert fwe.info["vocabulary"] == (1050 - 50) // 50  # RULER's vocabulary, (length − 50) // 50 words
+    assert len(set(body.split())) <= 20 and Counter(body.split()).most_common(1)[0][0] == "..."
+
+
+def test_ruler_qa_reads_squad_and_hotpotqa_and_scores_part(ctx, tiny_tokenizer):
+    qa_dir = str(ROOT / "data" / "golden" / "qa")
+    (squad,) = evals.resolve("synthetic:qa-squad", {"data_dir": qa_dir, "samples": 2})
+    prompts = squad.prompts(ctx, 1200)
+    decoded = plain(tiny_tokenizer, prompts[1])
+    assert "Document 1:\n" in decoded and decoded.endswith(" Answer:")
+    assert f"Question: {prompts[1].info['question']} Answer:" in decoded and prompts[1].answers[0] in decoded
+    assert squad.spec.endswith(f":data={qa_dir}/squad.json")
+    (hotpot,) = evals.resolve("synthetic:qa_2", {"data_dir": qa_dir, "samples": 1})
+    assert hotpot.prompts(ctx, 1800)[0].answers[0] in plain(tiny_tokenizer, hotpot.prompts(ctx, 1800)[0])
+    assert squad.match("It is the Amber river.", ["amber", "birch"]) == ([True, False], 1.0)
+    with pytest.raises(data.DataError, match=r"no squad.json or dev-v2.0.json in --data-dir"):
+        evals.resolve("synthetic:qa-squad", {"data_dir": str(ROOT)})
+
+
+# ---- prompts of lctx's exact-length generator (fit=exact) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [m for m in syn.MEMBERS if m not in syn.NEEDS_DATA])
 def test_every_member_is_exactly_the_length_and_seeded(ctx, tiny_tokenizer, name):
     task = member(name)
     for length in (SHORT[name], SHORT[name] + 777):
@@ -226,6 +338,14 @@ def test_a_corpus_too_small_is_a_data_error(tiny_tokenizer, tmp_path):
 # ---- scoring ----------------------------------------------------------------------------------------------
 
 
+def test_string_match_part_is_rulers():
+    """RULER's string_match_part: per sample the best over its references (1 if any is in the prediction),
+    averaged: [1, 0, 1] → 2/3 (RULER: round(2/3 × 100, 2) = 66.67)."""
+    outputs = [("Paris, France", ["paris", "lyon"]), ("no idea", ["Rome"]), ("ROME", ["rome", "roma"])]
+    scores = [base.string_match_part(o, refs) for o, refs in outputs]
+    assert scores == [1.0, 0.0, 1.0] and round(sum(scores) / 3 * 100, 2) == 66.67
+
+
 def test_string_match_all_and_cell_metrics():
     assert base.string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "1111111"]) == [True, False]
     assert base.string_match_all("ANSWER: Tashrm", ["tashrm"]) == [True]
@@ -243,22 +363,24 @@ def test_scores_come_from_what_the_model_outputs(tiny, monkeypatch):
     task = member("niah-multivalue", samples=2)
     ctx = Engine.from_loaded(tiny)
 
-    def half_right(model, ids, max_new_tokens, stop_ids, min_new_tokens=0, prefill_chunk=None):
-        prompt = next(task.build(ctx, 800, t) for t in range(2) if task.build(ctx, 800, t).ids == ids)
-        return data.encode(tiny.tokenizer, " " + ", ".join(prompt.answers[:2]).upper(), special=False)
+    def half_right(model, batch, max_new_tokens, stop_ids, min_new_tokens=0, prefill_chunk=None):
+        prompts = [next(task.build(ctx, 800, t) for t in range(2) if task.build(ctx, 800, t).ids == ids)
+                   for ids in batch]
+        return [data.encode(tiny.tokenizer, " " + ", ".join(p.answers[:2]).upper(), special=False) for p in prompts]
 
-    monkeypatch.setattr(engine, "greedy", half_right)
+    monkeypatch.setattr(engine, "greedy_batch", half_right)
     (outcome,) = task.run(ctx, patches.parse("none"), [Cell(800)], lambda cost: None).values()
     assert [t["found"] for t in outcome.samples] == [[True, True, False, False]] * 2
     assert outcome.metrics["score"] == 0.5 and outcome.metrics["accuracy"] == 0.0
 
 
 def test_eval_records_on_the_tiny_model(tiny_model_dir, tmp_path):
-    """lctx eval end to end: exact prompt lengths, identical prompts for every variant, scores recomputed."""
+    """lctx eval end to end (fit=exact): exact prompt lengths, identical prompts for every variant, scores
+    recomputed."""
     out = tmp_path / "results"
     opts = RunOptions(models=[str(tiny_model_dir)], ropes=["none,pi:factor=2"], tasks=["synthetic:niah-single,fwe"],
-                      lengths=[700, 900], task_defaults={"samples": 2, "max_new_tokens": 6}, out=out, dtype="float32",
-                      device="cpu", report=False)
+                      lengths=[700, 900], task_defaults={"samples": 2, "max_new_tokens": 6, "fit": "exact"}, out=out,
+                      dtype="float32", device="cpu", report=False)
     assert run(opts, Console(quiet=True)).code == 0
     records = view.newest(results.Store(out).read())
     assert len(records) == 2 * 2 * 2 and all(r["status"] == "ok" for r in records)
@@ -276,6 +398,26 @@ def test_eval_records_on_the_tiny_model(tiny_model_dir, tmp_path):
         none, pi = sorted(cell, key=lambda r: r["rope"])
         strip = [{k: v for k, v in s.items() if k in ("answers", "depths", "keys")} for s in none["samples"]]
         assert strip == [{k: v for k, v in s.items() if k in ("answers", "depths", "keys")} for s in pi["samples"]]
+
+
+def test_eval_records_ruler_lengths_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """The default fit=ruler end to end: prompt + answer within the length, RULER's length recorded per trial."""
+    out = tmp_path / "results"
+    opts = RunOptions(models=[str(tiny_model_dir)], ropes=["none"], tasks=["synthetic:niah-single:haystack=noise,qa_1"],
+                      lengths=[1200], task_defaults={"samples": 2, "data_dir": str(ROOT / "data" / "golden" / "qa")},
+                      out=out, dtype="float32", device="cpu", report=False)
+    assert run(opts, Console(quiet=True)).code == 0
+    records = {r["task"]: r for r in view.newest(results.Store(out).read())}
+    assert set(records) == {"synthetic:niah-single", "synthetic:qa-squad"}
+    for record in records.values():
+        assert record["data"]["fit"] == "ruler"
+        for sample in record["samples"]:
+            new_tokens = record["config"]["max_new_tokens"]
+            assert sample["prompt_tokens"] - 1 + new_tokens == sample["ruler_length"] <= 1200
+    assert ":fit=ruler" in records["synthetic:niah-single"]["task_spec"]  # QA has RULER's generator only
+    qa = records["synthetic:qa-squad"]
+    assert qa["data"]["metric"] == "string_match_part"
+    assert all(s["score"] == float(any(s["found"])) for s in qa["samples"])
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_train_command_help_and_bad_dtype(tmp_path: Path) -> None:
     assert "Example: lctx toy train" in help_text
     result = runner.invoke(toy.toy_app, ["train", "--context", "16", "--out", str(tmp_path), "--steps", "1",
                                          "--save-dtype", "int8", *TINY])
-    assert result.exit_code == 2 and "save_dtype" in result.output
+    assert result.exit_code == 2 and "--save-dtype" in result.output
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def load_source(ref: str, train_len: int | None = None) -> Source:
     if path.suffix == ".gguf":
         config, kind = _gguf_config(path), "gguf"
     else:
-        config, kind = models.load_config(ref), "directory" if path.is_dir() else "hub"
+        config, kind = models.load_config(ref, weights=False), "directory" if path.is_dir() else "hub"
     info, rope_type = rope_info_from_config(config, train_len)
     return Source(ref, kind, info, rope_type)
 

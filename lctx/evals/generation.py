@@ -7,7 +7,7 @@ rows (:meth:`~GenerationTask.aggregate`); the engine answers, under the cell's R
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from lctx.engine import Engine, GenerateRequest, Generation
@@ -36,9 +36,26 @@ class GenerationTask(Task):
         with engine.session(spec) as session:
             for cell in cells:
                 rows = []
-                for request in self.requests(engine, cell):
-                    rows.append(self.score(request, session.generate(request)))
-                    report(forward_cost(cell.length))
+                for batch in batches(self.requests(engine, cell), engine.batch_size):
+                    for request, answer in zip(batch, session.generate_batch(batch), strict=True):
+                        rows.append(self.score(request, answer))
+                        report(forward_cost(cell.length))
                 outcomes[cell] = Outcome(metrics=self.aggregate(rows), samples=rows,
                                          data=self.data_record(engine, cell))
         return outcomes
+
+
+def batches(requests: Iterable[GenerateRequest], size: int) -> Iterator[list[GenerateRequest]]:
+    """Consecutive requests of one shape (prompt length, budget, stops), at most ``size`` at a time."""
+    batch: list[GenerateRequest] = []
+    for request in requests:
+        if batch and (len(batch) == size or _shape(batch[0]) != _shape(request)):
+            yield batch
+            batch = []
+        batch.append(request)
+    if batch:
+        yield batch
+
+
+def _shape(request: GenerateRequest) -> tuple:
+    return len(request.ids), request.max_new_tokens, request.stop, request.min_new_tokens

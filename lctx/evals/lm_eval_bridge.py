@@ -40,13 +40,16 @@ from lm_eval.models.huggingface import HFLM
 from lctx import models, patches
 from lctx.engine import Engine
 from lctx.evals import TaskError
+from lctx.options import RUN_PARAMS
 from lctx.patches import RopeSpec
+from lctx.spec import SpecError
 
 # HFLM arguments that still mean something when lctx loads the model (the others configure loading)
 HFLM_ARGS = ("batch_size", "max_batch_size", "max_length", "truncation", "logits_cache", "add_bos_token",
              "prefix_token_id", "softmax_dtype", "mixed_precision_dtype", "think_end_token", "enable_thinking",
              "chat_template_args")
 LCTX_ARGS = ("pretrained", "rope", "train_len", "target_len", "dtype", "device", "attn", "device_map")
+TRAIN_LEN, TARGET_LEN = (next(p for p in RUN_PARAMS if p.name == name) for name in ("train_len", "target_len"))
 
 
 class ModelArgError(ValueError):
@@ -67,15 +70,20 @@ class LctxLM(HFLM):
             raise ModelArgError(f"lctx model: unknown model argument(s) {', '.join(map(repr, unknown))}. "
                                 f"Valid: {', '.join(LCTX_ARGS + HFLM_ARGS)}")
         spec = rope if isinstance(rope, RopeSpec) else patches.parse("none" if rope is None else str(rope))
+        try:  # lm-eval hands model arguments over as text: checked by the same declarations as lctx eval's
+            train_len = None if train_len is None else TRAIN_LEN.convert(train_len, "lctx model")
+            target_len = None if target_len is None else TARGET_LEN.convert(target_len, "lctx model")
+        except SpecError as err:
+            raise ModelArgError(str(err)) from None
         if isinstance(pretrained, Engine):
             engine = pretrained
         elif isinstance(pretrained, models.Loaded):
             engine = Engine.from_loaded(pretrained)
         else:
             loaded = models.load(str(pretrained), dtype=str(dtype), device=_device(device), attn=attn,
-                                 train_len=None if train_len is None else int(train_len), device_map=device_map)
+                                 train_len=train_len, device_map=device_map)
             engine = Engine.from_loaded(loaded)
-        target = None if target_len is None else int(target_len)
+        target = target_len
         self.spec = spec if spec.resolved else spec.resolve(engine.train_len, target)  # a bad spec fails here
         if kwargs.get("max_length") is None and target is not None:
             kwargs["max_length"] = target

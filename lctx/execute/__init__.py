@@ -1,4 +1,6 @@
-"""Executing a plan: in this process (:mod:`lctx.execute.local`), one writer of the records.
+"""Executing a plan, with one writer of the records: in this process (:mod:`lctx.execute.local`), on a Ray cluster's
+workers (:mod:`lctx.execute.cluster`, ``--executor ray``), or one shard per process under torchrun / accelerate
+launch (:mod:`lctx.execute.launch`); all compute a unit with :func:`lctx.execute.compute.compute`.
 
 ``USAGE_ERRORS`` are the errors that mean "the command is wrong" (printed as one line, exit status 2), raised
 before any cell is computed; anything else a cell raises is recorded as that cell's error.

@@ -1,12 +1,15 @@
 """Running a plan in this process: load each model once, compute its units with progress, record every cell as it
 completes, and end with the tables and the report.
 
-Order of work: per model (loaded once, only if it has cells left), per unit. Every unit runs under a timer and a
-memory meter; an out-of-memory error is recorded as status ``oom`` and any other exception as ``error``, and the
-run goes on. A unit of several cells that fails is retried cell by cell, so one length that does not fit does not
-take the shorter ones with it. A cell whose metrics are not finite numbers (a diverged loss) is an ``error``, so the
-next run computes it again. Ctrl-C or SIGTERM keeps every record written so far (the manifest says
-``interrupted``); the same command resumes.
+Order of work: per model (loaded once, only if it has cells left), per unit, each computed by
+:func:`lctx.execute.compute.compute` (the code path every executor shares: a unit under a timer and a memory
+meter, ``oom``/``error`` records, a failed unit retried cell by cell, non-finite metrics as errors). Ctrl-C or
+SIGTERM keeps every record written so far (the manifest says ``interrupted``); the same command resumes.
+
+:class:`Runner` is also the frame of the other executors: planning, the store's lock, the manifest, the memory
+check and the end (tables, report) are here; :meth:`Runner.compute_units` is what an executor replaces
+(:mod:`lctx.execute.cluster` sends units to Ray workers and records what they return). Under a launcher
+(:mod:`lctx.execute.launch`) each rank runs its shard and rank 0 writes the tables after a barrier.
 
 Exit status: 0 when every cell is ok or oom, 1 when any cell of this run errored, 130 when interrupted.
 """
@@ -14,13 +17,11 @@ Exit status: 0 when every cell is ok or oom, 1 when any cell of this run errored
 from __future__ import annotations
 
 import contextlib
-import math
 import shlex
 import signal
 import sys
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ from rich.progress import (
 
 from lctx import evals, memory, models, provenance, results, view
 from lctx.engine import Engine
-from lctx.evals import Cell, Outcome
-from lctx.meter import Meter, free_memory, is_oom
+from lctx.execute import compute, launch
+from lctx.execute.compute import Done
+from lctx.meter import Meter, free_memory
 from lctx.options import RunOptions
 from lctx.plan import HINT_CHUNK, Plan, Unit, pending, plan
 from lctx.spec import format_length
@@ -52,10 +54,6 @@ EXIT_OK, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 130
 
 class MemoryBudgetExceeded(MemoryError):
     """A cell's up-front memory estimate is over --max-memory (recorded as oom, not run)."""
-
-
-class NonFiniteMetric(ArithmeticError):
-    """A task returned NaN or an infinite loss: the cell is an error, to be computed again."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -84,6 +82,7 @@ class RunResult:
     summary: Summary
     manifest: Path
     code: int
+    lead: bool = True  # this process wrote the tables and the report (under a launcher: rank 0 only)
 
 
 def manifest(options: RunOptions, run_id: str, the_plan: Plan) -> dict[str, Any]:
@@ -103,131 +102,59 @@ def manifest(options: RunOptions, run_id: str, the_plan: Plan) -> dict[str, Any]
     }
 
 
-def non_finite(metrics: dict[str, Any]) -> str | None:
-    """The first NaN metric, or the first infinite loss (an NLL), as ``name=value``; None when all are fine."""
-    for name, value in metrics.items():
-        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and "nll" in name)):
-            return f"{name}={value}"
-    return None
-
-
-def _metric_text(unit: Unit, metrics: dict[str, Any]) -> str:
-    from lctx.view.tables import format_number, interval_text
-
-    metric = unit.task.metrics[0] if unit.task.metrics else None
-    if metric is None or metrics.get(metric.name) is None:
-        return ""
-    value = metrics[metric.name]
-    text = f"{metric.name} {format_number(value, metric)}"
-    if metric.interval and all(metrics.get(k) is not None for k in metric.interval):
-        from lctx.view.frame import Value
-
-        low, high = (metrics[k] for k in metric.interval)
-        text += f" {interval_text(Value(value, 'ok', low, high), metric)}"
-    return text
+PROGRESS_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                    TextColumn("{task.fields[cells]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
 
 
 class Runner:
-    def __init__(self, options: RunOptions, console: Console | None = None):
+    def __init__(self, options: RunOptions, console: Console | None = None, launched: launch.Launch | None = None):
         self.options = options
         self.console = console or Console()
         self.store = results.Store(options.out, options.shard)
         self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.summary = Summary()
+        self.launched = launched
+        self.device: torch.device | None = None  # where the last model ran (the manifest's device)
+        self.manifest_extra: dict[str, Any] = {}  # what an executor adds to the manifest
 
-    def record(self, unit: Unit, cell: Cell, *, status: str, meter: Meter, outcome: Outcome | None = None,
-               error: BaseException | None = None, device: torch.device, trace: str | None = None,
-               over_budget: bool = False) -> dict[str, Any]:
-        record = {
-            "schema": results.SCHEMA_VERSION,
-            "run_id": self.run_id,
-            **unit.record_base(cell),
-            "rope_input": unit.spec_input,
-            "device": str(device),
-            "status": status,
-            "error": None if error is None else f"{type(error).__name__}: {error}"[:4000],
-            "metrics": outcome.metrics if outcome else {},
-            "samples": outcome.samples if outcome else [],
-            "data": outcome.data if outcome else None,
-            "seconds": round(meter.seconds, 4),
-            "peak_memory_bytes": meter.peak_bytes,
-            "memory_kind": meter.kind,
-            "process_peak_bytes": meter.process_peak_bytes,
-            "memory_estimate_bytes": None if unit.estimate is None else unit.estimate.total,
-            **(outcome.extra if outcome else {}),
-            "finished_at": provenance.now(),
-            "lctx_version": provenance.lctx_version(),
-        }
-        if trace:
-            record["traceback"] = trace
-        if over_budget:
-            record["over_budget"] = True
+    # -- what compute() reports, and the records it makes --
+
+    def keep(self, record: dict[str, Any]) -> None:
+        """Append a record to this run's records file and count it."""
         self.store.append(record)
+        status = record["status"]
         setattr(self.summary, status, getattr(self.summary, status) + 1)
-        return record
 
-    def execute(self, engine: Engine, unit: Unit, cells: list[Cell], device: torch.device, advance) -> None:
-        """Compute ``cells`` of ``unit`` together; on failure of several cells, retry them one by one."""
-        meter = Meter(device)
-        done_cost = 0.0
-
-        def report(cost: float) -> None:
-            nonlocal done_cost
-            done_cost += cost
-            advance(cost)
-
-        try:
-            with meter:
-                outcomes = unit.task.run(engine, unit.spec, cells, report)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # noqa: BLE001 - any failure of a cell is recorded, the run goes on
-            oom = is_oom(err)
-            trace = "".join(traceback.format_exception(err)[-6:])[-4000:]
-            err.__traceback__ = None  # its frames hold activations: free them before going on
-            free_memory(device)
-            advance(-done_cost)
-            if len(cells) > 1:
-                self.console.print(f"[yellow]{'out of memory' if oom else 'failed'} computing "
-                                   f"{escape(unit.label(cells))} together; retrying one cell at a time[/]")
-                for cell in cells:
-                    self.execute(engine, unit, [cell], device, advance)
-                return
-            self._failed(unit, cells[0], err, oom, meter, device, trace)
-            advance(unit.task.cost(cells))
+    def done(self, unit: Unit, done: Done) -> None:
+        """A finished cell: recorded, then printed."""
+        record = done.record
+        self.keep(record)
+        where = f"{escape(unit.model)} · {escape(unit.label([done.cell]))}"
+        if record["status"] != "ok":
+            status = record["status"]
+            first_line = (record["error"] or "").splitlines()[0][:300] if record["error"] else ""
+            self.console.print(f"[{'yellow' if status == 'oom' else 'red'}]✗ {status.upper()}[/] {where}: "
+                               f"{escape(first_line)}")
             return
-        for cell in cells:
-            outcome = outcomes[cell]
-            bad = non_finite(outcome.metrics)
-            if bad is not None:
-                self._failed(unit, cell, NonFiniteMetric(f"non-finite {bad}: the model diverged under this "
-                                                          "variant; the cell will be computed again"),
-                             False, meter, device, None)
-                continue
-            self.record(unit, cell, status="ok", meter=meter, outcome=outcome, device=device)
-            shared = outcome.extra.get("shared_forward")
-            note = f", one forward for {','.join(map(format_length, shared))}" if shared else ""
-            self.console.print(f"[green]✓[/] {escape(unit.model)} · {escape(unit.label([cell]))}: "
-                               f"{escape(_metric_text(unit, outcome.metrics))}  "
-                               f"[dim]({meter.seconds:.1f} s, {memory.format_size(meter.peak_bytes)} peak{note})[/]"
-                               + "".join(f"\n  [yellow]note:[/] {escape(text)}" for text in outcome.notes))
-        advance(unit.task.cost(cells) - done_cost)
+        shared = record.get("shared_forward")
+        note = f", one forward for {','.join(map(format_length, shared))}" if shared else ""
+        self.console.print(f"[green]✓[/] {where}: {escape(compute.metric_text(unit, record['metrics']))}  "
+                           f"[dim]({record['seconds']:.1f} s, {memory.format_size(record['peak_memory_bytes'])} "
+                           f"peak{note})[/]" + "".join(f"\n  [yellow]note:[/] {escape(text)}" for text in done.notes))
 
-    def _failed(self, unit: Unit, cell: Cell, err: BaseException, oom: bool, meter: Meter, device: torch.device,
-                trace: str | None) -> None:
-        status = "oom" if oom else "error"
-        self.record(unit, cell, status=status, meter=meter, error=err, device=device, trace=None if oom else trace)
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
-        self.console.print(f"[{'yellow' if oom else 'red'}]✗ {status.upper()}[/] {escape(unit.model)} · "
-                           f"{escape(unit.label([cell]))}: {type(err).__name__}: {escape(first_line)}")
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]{escape(text)}[/]")
+
+    # -- the run --
 
     def run(self) -> RunResult:
         options = self.options
         the_plan = plan(options)
-        todo, skipped = pending(the_plan, self._done())
+        self.store.check()
+        todo, skipped = pending(the_plan, self._done(the_plan))
         checked = self._preflight(todo)  # data checked with the tokenizer alone, before anything is written
         with self.store.writing():
-            todo, skipped = pending(the_plan, self._done())  # again, now that no other writer can add records
+            todo, skipped = pending(the_plan, self._done(the_plan))  # again, now that no other writer can add records
             self.summary.planned = sum(len(u.cells) for u in the_plan.units)
             self.summary.skipped = skipped
             shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
@@ -239,28 +166,59 @@ class Runner:
             manifest_path = Path(options.out) / f"manifest-{self.run_id}.json"
             meta = manifest(options, self.run_id, the_plan)
             results.write_json(manifest_path, {**meta, "status": "running"})
-            device, status = None, "failed"
+            status = "failed"
             try:
                 with _sigterm_as_interrupt():
                     todo = self._memory_check(todo)
-                    device = self._run_units(todo, checked)
+                    self.compute_units(todo, checked)
                 status = "finished"
             except KeyboardInterrupt:
                 self.summary.interrupted = True
                 status = "interrupted"
             finally:
-                meta["device"] = provenance.device_info(device)
+                meta["device"] = provenance.device_info(self.device)
+                meta.update(self.manifest_extra)
                 meta.update(status=status, finished_at=provenance.now(), cells=asdict(self.summary))
-                results.write_json(manifest_path, meta)
-        self._finish(the_plan, manifest_path)
+                with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                    results.write_json(manifest_path, meta)
+        lead = self._wait_for_the_others()
+        self._finish(the_plan, manifest_path, lead)
         code = EXIT_INTERRUPTED if self.summary.interrupted else EXIT_ERRORS if self.summary.error else EXIT_OK
-        return RunResult(the_plan, self.summary, manifest_path, code)
+        return RunResult(the_plan, self.summary, manifest_path, code, lead)
 
-    def _done(self) -> set[str]:
-        """Keys of the cells recorded as done (none with --force)."""
+    def _wait_for_the_others(self) -> bool:
+        """Under a launcher: wait at the barrier for every rank's records (not when interrupted: the others may
+        never come). True when this process writes the tables and the report."""
+        if self.launched is None:
+            return True
+        if not self.summary.interrupted:
+            self.console.print(f"rank {self.launched.rank}/{self.launched.world}: waiting for the other ranks")
+            try:
+                with _sigterm_as_interrupt():
+                    launch.barrier()
+            except KeyboardInterrupt:
+                self.summary.interrupted = True
+        return self.launched.lead
+
+    def _done(self, the_plan: Plan) -> set[str]:
+        """Keys of the cells recorded as done (none with --force). Records written before fingerprints count as
+        the model's current files."""
         if self.options.force:
             return set()
-        return results.completed(results.newest(map(evals.upgrade, self.store.read())))
+        records = [evals.upgrade(r) for r in self.store.read()]
+        for record in records:
+            if "model_fingerprint" not in record:
+                record["model_fingerprint"] = the_plan.fingerprints.get(record.get("model"))
+        return results.completed(results.newest(records))
+
+    def record_device(self) -> torch.device:
+        """The device named in records of cells not run (over the memory budget)."""
+        return models.resolve_device(self.options.device)
+
+    def available_memory(self) -> tuple[int | None, str]:
+        """Memory free where cells will run, and where that is (for the memory check's message)."""
+        device = models.resolve_device(self.options.device)
+        return memory.available_memory(device), device.type
 
     def _memory_check(self, todo: list[Unit]) -> list[Unit]:
         """Print the largest up-front estimate; record units over --max-memory as oom (not run) and drop them."""
@@ -269,11 +227,10 @@ class Runner:
             return todo
         largest = max(known, key=lambda u: u.estimate.total)
         budget = self.options.max_memory
-        device = models.resolve_device(self.options.device)
-        available = memory.available_memory(device)
+        available, where_available = self.available_memory()
         where = escape(largest.label([max(largest.cells, key=lambda c: c.length)]))
         limit = (f"--max-memory {memory.format_size(budget)}" if budget else
-                 f"{memory.format_size(available)} available on {device.type}" if available else "")
+                 f"{memory.format_size(available)} available on {where_available}" if available else "")
         self.console.print(f"memory estimate: largest cell {where} {largest.estimate.describe()}"
                            + (f"; {limit}" if limit else ""))
         if not budget and available and largest.estimate.total > available:
@@ -281,6 +238,7 @@ class Runner:
                                "--max-memory skips cells over a budget instead of attempting them")
         if not budget:
             return todo
+        device = self.record_device()
         kept = []
         for unit in todo:
             if unit.estimate is None or unit.estimate.total <= budget:
@@ -292,8 +250,8 @@ class Runner:
                                          + (f" (with --prefill-chunk {format_length(HINT_CHUNK)}: "
                                             f"{memory.format_size(unit.chunked_estimate.total)})" if hint else ""))
             for cell in unit.cells:
-                self.record(unit, cell, status="oom", meter=Meter(device), error=error, device=device,
-                            over_budget=True)
+                self.keep(compute.make_record(unit, cell, run_id=self.run_id, status="oom", meter=Meter(device),
+                                              device=device, error=error, over_budget=True))
             self.console.print(f"[yellow]✗ OOM[/] {escape(unit.model)} · {escape(unit.label())}: {error} "
                                f"({unit.estimate.describe()})")
         return kept
@@ -309,75 +267,66 @@ class Runner:
             if tokenizer is None:
                 continue
             units = [u for u in todo if u.model == model]
-            self._check(Engine(None, tokenizer, units[0].train_len), units)
+            compute.check(Engine(None, tokenizer, units[0].train_len), units)
             checked.add(model)
         return checked
 
-    @staticmethod
-    def _check(engine: Engine, units: list[Unit]) -> None:
-        for task in dict.fromkeys(u.task for u in units):
-            cells = sorted({c for u in units if u.task is task for c in u.cells},
-                           key=lambda c: (c.length, c.depth or 0))
-            task.check(engine, cells)
+    def progress(self) -> Progress:
+        """The run's progress display: one bar over every cell, with its ETA (off when not on a terminal)."""
+        return Progress(*PROGRESS_COLUMNS, console=self.console, disable=not self.console.is_terminal)
 
-    def _run_units(self, todo: list[Unit], checked: set[str]) -> torch.device | None:
+    def compute_units(self, todo: list[Unit], checked: set[str]) -> None:
+        """Compute every unit of ``todo``, recording each cell as it finishes: here, one model at a time."""
         if not todo:
-            return None
-        total = sum(u.cost() for u in todo)
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[cells]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn())
-        device = None
-        with Progress(*columns, console=self.console, disable=not self.console.is_terminal) as progress:
-            overall = progress.add_task("all cells", total=total, cells="")
+            return
+        with self.progress() as progress:
+            overall = progress.add_task("all cells", total=sum(u.cost() for u in todo), cells="")
             n_cells = sum(len(u.cells) for u in todo)
             finished = 0
             for model in dict.fromkeys(u.model for u in todo):
                 units = [u for u in todo if u.model == model]
                 progress.update(overall, description=f"loading {model}")
-                loaded = self._load(model, units[0].train_len)
-                device = loaded.device
-                engine = Engine.from_loaded(loaded, units[0].train_len, prefill_chunk=self.options.prefill_chunk)
+                try:
+                    with self.console.status(f"loading {model}…"):
+                        ready = compute.load(self.options, model, units[0].train_len)
+                except models.ModelLoadError as err:  # its cells are errors; the other models still run
+                    cpu = torch.device("cpu")
+                    for unit in units:
+                        for cell in unit.cells:
+                            self.keep(compute.make_record(unit, cell, run_id=self.run_id, status="error",
+                                                          meter=Meter(cpu), device=cpu, error=err))
+                    self.console.print(f"[red]✗ ERROR[/] {escape(model)}: {escape(str(err))} "
+                                       f"({sum(len(u.cells) for u in units)} cells recorded as errors)")
+                    finished += sum(len(u.cells) for u in units)
+                    continue
+                self.device = device = ready.loaded.device
+                self.console.print(f"loaded {model} on {device} ({str(ready.loaded.dtype).removeprefix('torch.')}, "
+                                   f"{self.options.attn}, training length {ready.loaded.train_len}) in "
+                                   f"{ready.seconds:.1f} s")
                 if model not in checked:
-                    self._check(engine, units)
+                    compute.check(ready.engine, units)
                 for unit in units:
                     progress.update(overall, description=f"{model}", cells=f"{finished}/{n_cells} cells")
                     current = progress.add_task(unit.label(), total=unit.cost(), cells="")
-
-                    def advance(cost: float, current=current) -> None:
-                        progress.advance(current, cost)
-                        progress.advance(overall, cost)
-
-                    self.execute(engine, unit, unit.cells, device, advance)
+                    compute.compute(ready.engine, unit, unit.cells, device, self.run_id,
+                                    _Report(self, progress, (current, overall)))
                     progress.remove_task(current)
                     finished += len(unit.cells)
                 progress.update(overall, cells=f"{finished}/{n_cells} cells")
-                del engine, loaded
+                del ready
                 free_memory(device)
-        return device
 
-    def _load(self, model: str, train_len: int) -> models.Loaded:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        with self.console.status(f"loading {model}…"):
-            t0 = time.perf_counter()
-            loaded = models.load(model, dtype=self.options.dtype, device=self.options.device,
-                                 attn=self.options.attn, train_len=train_len, device_map=self.options.device_map)
-        self.console.print(f"loaded {model} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}, "
-                           f"{self.options.attn}, training length {loaded.train_len}) in "
-                           f"{time.perf_counter() - t0:.1f} s")
-        return loaded
-
-    def _finish(self, the_plan: Plan, manifest_path: Path) -> None:
-        """Print this run's tables and the totals; rewrite table.md and the report from every record."""
+    def _finish(self, the_plan: Plan, manifest_path: Path, lead: bool = True) -> None:
+        """Print this run's tables and the totals; rewrite table.md and the report from every record (the lead
+        only: under a launcher, rank 0 after every rank's records are in)."""
         s = self.summary
         out = Path(self.options.out)
         every = view.newest(self.store.read())
-        keys = the_plan.keys
-        mine = [r for r in every if results.cell_key(r) in keys]
-        for table in view.console(mine):
-            self.console.print(table)
+        if lead:
+            keys = the_plan.all_keys if self.launched else the_plan.keys
+            mine = [r for r in every if results.cell_key(r) in keys]
+            for table in view.console(mine):
+                self.console.print(table)
         if s.interrupted:
             self.console.print(f"[yellow]Interrupted.[/] {s.computed} cells were recorded before the interrupt "
                                f"({s.ok} ok, {s.oom} oom, {s.error} error); re-run the same command to resume.")
@@ -385,16 +334,35 @@ class Runner:
             self.console.print(f"Done: {s.computed} cells computed ({s.ok} ok, {s.oom} oom, {s.error} error), "
                                f"{s.skipped} already recorded.")
         lines = [f"Records: {self.store.path}", f"Manifest: {manifest_path}"]
-        if every:
+        if every and lead:
             results.write_text(out / "table.md", view.markdown(every))
             lines.append(f"Table: {out / 'table.md'}  (reprint: lctx results {out})")
             if self.options.report and not s.interrupted:
                 written = view.write(every, out / "report", title=out.resolve().name, source=str(out))
                 lines.append(f"Report: {written.index}  ({len(written.tables)} tables, {len(written.figures)} "
                              "figure files; lctx report for more)")
+        elif not lead:
+            lines.append("Tables and report: written by rank 0")
         self.console.print("\n".join(lines), highlight=False)
         if self.store.skipped:
             self.console.print(f"[yellow]warning:[/] {escape(self.store.skipped.describe())}")
+
+
+class _Report:
+    """The local runner as compute()'s sink: progress on the unit's bar and the overall one."""
+
+    def __init__(self, runner: Runner, progress: Progress, bars: tuple[Any, ...]):
+        self.runner, self.progress, self.bars = runner, progress, bars
+
+    def advance(self, cost: float) -> None:
+        for bar in self.bars:
+            self.progress.advance(bar, cost)
+
+    def done(self, unit: Unit, done: Done) -> None:
+        self.runner.done(unit, done)
+
+    def note(self, text: str) -> None:
+        self.runner.note(text)
 
 
 @contextlib.contextmanager
@@ -415,5 +383,17 @@ def _sigterm_as_interrupt():
 
 
 def run(options: RunOptions, console: Console | None = None) -> RunResult:
-    """Run ``lctx eval``; raises one of :data:`lctx.execute.USAGE_ERRORS` for a bad command, before any work."""
+    """Run ``lctx eval``; raises one of :data:`lctx.execute.USAGE_ERRORS` for a bad command, before any work.
+
+    Under a launcher (``torchrun``, ``accelerate launch``) this process runs its rank's shard; with
+    ``executor="ray"`` the cells are computed by a Ray cluster's workers (:mod:`lctx.execute.cluster`)."""
+    launched = launch.from_env()
+    if launched is not None:
+        options = launch.apply(launched, options)
+        with launch.group(launched):
+            return Runner(options, console, launched).run()
+    if options.executor == "ray":
+        from lctx.execute import cluster
+
+        return cluster.RayRunner(options, console).run()
     return Runner(options, console).run()

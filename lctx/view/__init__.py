@@ -50,6 +50,7 @@ class Report:
     gate: GateResult | None = None
     fail_on_missing: bool = False
     summary: Path | None = None
+    skipped: dict[str, results.Skipped] = field(default_factory=dict)  # unreadable record lines, by directory
 
     @property
     def passed(self) -> bool:
@@ -57,8 +58,18 @@ class Report:
 
 
 def newest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest record of every cell, in today's form (records of schema 1 upgraded)."""
-    return list(results.newest(map(evals.upgrade, records)).values())
+    """The newest record of every cell, in today's form (records of schema 1 upgraded; records written before
+    model fingerprints take their model's fingerprint when the other records agree on one)."""
+    upgraded = [evals.upgrade(r) for r in records]
+    known: dict[str, set[str]] = {}
+    for record in upgraded:
+        if record.get("model_fingerprint"):
+            known.setdefault(record["model"], set()).add(record["model_fingerprint"])
+    for record in upgraded:
+        if "model_fingerprint" not in record:
+            only = known.get(record.get("model"), set())
+            record["model_fingerprint"] = next(iter(only)) if len(only) == 1 else None
+    return list(results.newest(upgraded).values())
 
 
 def load(directory: str | Path, what: str = "results directory") -> tuple[list[dict[str, Any]], results.Skipped]:
@@ -178,6 +189,13 @@ def _bundle(source: str | Path, what: str) -> pack.Bundle:
     return bundle
 
 
+def writable(directory: Path, what: str) -> None:
+    """ReportError now (before any work, creating nothing) when ``directory`` could not be created or written."""
+    problem = results.unwritable(directory)
+    if problem:
+        raise ReportError(f"{what} {str(directory)!r} cannot be written: {problem}")
+
+
 def report(results_dir: str | Path, out: str | Path, *, baseline: str | Path | None = None,
            history_sources: Sequence[str | Path] = (), tolerance: Tolerance | str = "2%", fail_on_missing: bool = False,
            summary_md: str | Path | None = None, title: str | None = None, description: str | None = None,
@@ -188,13 +206,20 @@ def report(results_dir: str | Path, out: str | Path, *, baseline: str | Path | N
     ``results_dir`` and of the history sources."""
     tolerance = parse_tolerance(tolerance) if isinstance(tolerance, str) else tolerance  # fail before any work
     current = _bundle(results_dir, "results directory")
-    base = newest(_bundle(baseline, "baseline").records) if baseline is not None else None
+    base_bundle = _bundle(baseline, "baseline") if baseline is not None else None
     past = [_bundle(source, "history source") for source in history_sources]
+    writable(Path(out), "--out")  # checked before anything is written: a gate verdict is never lost to a bad path
+    if summary_md is not None:
+        writable(Path(summary_md).parent, "--summary-md")
     runs, manifests = pack.merge([current, *past])
     if title is None:
         title = current.directory.resolve().name if current.directory is not None else pack.name(results_dir)
-    return write(newest(current.records), out, title=title, description=description, source=str(results_dir),
-                 baseline=base, baseline_source=None if baseline is None else str(baseline), tolerance=tolerance,
-                 fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold,
-                 relative=relative, noise=noise, runs=runs, manifests=manifests,
-                 analyses_from=current.directory or "")
+    written = write(newest(current.records), out, title=title, description=description, source=str(results_dir),
+                    baseline=None if base_bundle is None else newest(base_bundle.records),
+                    baseline_source=None if baseline is None else str(baseline), tolerance=tolerance,
+                    fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold,
+                    relative=relative, noise=noise, runs=runs, manifests=manifests,
+                    analyses_from=current.directory or "")
+    written.skipped = {str(where): bundle.skipped for where, bundle in ((results_dir, current), (baseline, base_bundle))
+                       if bundle is not None and bundle.skipped}
+    return written

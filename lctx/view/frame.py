@@ -20,9 +20,9 @@ from lctx.evals import Metric
 from lctx.stats import bootstrap_ratio, wilson
 
 # a table (and a figure) covers records sharing these fields
-GROUP_FIELDS = ("task", "task_spec", "model", "train_len", "dtype", "attn")
-FIXED = {"model", "rope", "task", "task_spec", "length", "depth", "train_len", "dtype", "attn", "rope_input",
-         "config", "status", "seconds"}
+GROUP_FIELDS = ("task", "task_spec", "model", "model_fingerprint", "train_len", "dtype", "attn")
+FIXED = {"model", "model_fingerprint", "rope", "task", "task_spec", "length", "depth", "train_len", "dtype", "attn",
+         "rope_input", "config", "status", "seconds"}
 
 
 def revive(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,8 +49,8 @@ def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per record with the key fields, status, seconds and every scalar metric as a column."""
     rows = []
     for r in records:
-        row = {f: r.get(f) for f in ("model", "rope", "task", "task_spec", "length", "depth", "train_len", "dtype",
-                                     "attn")}
+        row = {f: r.get(f) for f in ("model", "model_fingerprint", "rope", "task", "task_spec", "length", "depth",
+                                     "train_len", "dtype", "attn")}
         row["rope_input"] = r.get("rope_input") or r.get("rope")
         row["config"] = config_label(r.get("config"))
         row["status"] = r.get("status")
@@ -248,10 +248,13 @@ def groups(records: Iterable[dict[str, Any]]) -> list[Group]:
         return []
     df = frame(records)
     df["_index"] = range(len(df))
+    prints = df.groupby("model", dropna=False)["model_fingerprint"].nunique(dropna=True).to_dict()
     out = []
     for keys, part in df.groupby(list(GROUP_FIELDS), sort=False, dropna=False):
-        task, task_spec, model, train_len, dtype, attn = (_none(k) for k in keys)
+        task, task_spec, model, fingerprint, train_len, dtype, attn = (_none(k) for k in keys)
         members = [records[i] for i in part["_index"]]
+        if prints.get(model, 0) > 1:  # two versions of one local model's files: say which one a table shows
+            model = f"{model} @{fingerprint or 'unknown files'}"
         out.append(Group(task=str(task), task_spec=str(task_spec), model=str(model),
                          train_len=None if train_len is None else int(train_len), dtype=str(dtype), attn=str(attn),
                          config=members[0].get("config") or {},

@@ -2,32 +2,45 @@
 
 Data: ``data_dir=DIR`` (``--data-dir``) reads ``DIR/<task>.jsonl`` (``DIR/<task>_e.jsonl`` for LongBench-E): the
 files of LongBench's ``data.zip``, one JSON object per line with ``input``, ``context``, ``answers``, ``length``,
-``all_classes``, ``language``, ``dataset`` and ``_id``. LongBench v2 reads ``DIR/longbench_v2.jsonl`` or the
-official ``DIR/data.json``. Without a data directory the data comes from the hub through ``datasets``
-(``THUDM/LongBench``, ``THUDM/LongBench-v2``), which fails at once, naming ``--data-dir``, when the hub is
-offline. ``samples=N`` takes the first N examples of a file (default: all).
+``all_classes``, ``language``, ``dataset`` and ``_id``. LongBench v2 reads ``DIR/longbench_v2.jsonl``, the
+official ``DIR/data.json``, or else the one ``.jsonl`` of the directory whose lines are v2 questions. Without a
+data directory the data comes from the hub through ``datasets`` (``THUDM/LongBench``, ``THUDM/LongBench-v2``),
+which fails at once, naming ``--data-dir``, when the hub is offline. ``samples=N`` takes the first N examples of
+a file (default: all).
 
-A cell is (task, length): the length is the context budget in tokens, answer included. Each example's prompt (the
-official template, filled with the example) is tokenized once and cut from the middle to ``length −
-max_new_tokens`` tokens (``dataset2maxlen.json``), keeping the head and the tail where the instructions and the
-question are: the ids are sliced, never decoded and re-encoded, so every prompt fits the budget exactly. Shorter
-prompts are kept whole. ``chat_template=true`` wraps the prompt in the tokenizer's chat template (the wrapper's
-tokens count against the budget) except for the few-shot and code tasks, as LongBench does. Answers are generated
-greedily until an end-of-sequence token; samsum also stops at a newline and cannot stop at its first token, as in
-LongBench's ``pred.py``. Length-dependent RoPE variants are frozen at prompt + ``max_new_tokens`` per example.
+A cell is (task, length). Each example's prompt is the official template filled with the example, cut in the
+middle when it is too long; ``budget`` says by whose convention (its value is in every record's task spec):
+
+* ``budget=official`` (default), LongBench's ``pred.py``: the budget is one ``max_length`` for every task of a
+  length, ⌊length·1000/1024⌋ − 500 for v1 (3500, 7500, 15500, 31500 at 4k, 8k, 16k, 32k: model2maxlen.json's
+  values for models of those contexts) and ⌊length·120000/131072⌋ for v2 (its 120000 at 128k). Over it, v1 keeps
+  ``int(max_length/2)`` ids at each end (one fewer than an odd budget), decodes each half and tokenizes the
+  joined text again (which can change ids at the join, and the count by one); v2 keeps ``max_len//2`` first and
+  ``⌈max_len/2⌉`` last ids and decodes them as one text. The chat template (``chat_template=true``) wraps the
+  truncated text, its tokens not counted, as ``build_chat`` does.
+* ``budget=exact``, lctx's convention: the prompt is at most ``length − max_new_tokens`` ids, sliced in token
+  space (never decoded and re-encoded), the chat wrapper counted, so prompt and answer never pass the length.
+
+Either way the few-shot and code tasks are not chat-wrapped, as in LongBench. Answers are generated greedily until
+an end-of-sequence token; samsum also stops at a newline and cannot stop at its first token, as in LongBench's
+``pred.py``. Length-dependent RoPE variants are frozen at prompt + ``max_new_tokens`` per example.
 
 Metrics are those of :mod:`lctx.evals.longbench.metrics`; a record carries ``score`` (×100) and ``examples``,
 LongBench-E records also ``score_0-4k``, ``score_4-8k`` and ``score_8k+``, and every example's prediction,
 answers and score under ``samples``. Category and overall averages are a summary of the view (``lctx results``,
 ``lctx report``). ``edit_sim=levenshtein`` switches the code tasks' edit similarity to python-Levenshtein.
 
-LongBench v2 uses ``prompts/0shot.txt`` and LongBench v2's answer extraction ("The correct answer is (X)"); its
-record has ``accuracy`` with a Wilson 95% interval overall and per difficulty (easy, hard) and length (short,
-medium, long): ``accuracy_easy``, ``ci_low_easy``, … .
+LongBench v2 uses ``prompts/0shot.txt`` and LongBench v2's answer extraction ("The correct answer is (X)"). Its
+``pred.py`` drops the questions whose output is empty, and ``result.py`` divides by those left: that is the
+headline ``accuracy`` (with a Wilson 95% interval, over ``trials`` answered questions; ``excluded`` counts the
+others); ``accuracy_strict`` counts empty outputs wrong (over every question). Both come overall and per
+difficulty (easy, hard) and length (short, medium, long): ``accuracy_easy``, ``accuracy_strict_easy``, … . The
+official setting samples at temperature 0.1; lctx answers greedily (the same answer for every RoPE variant's run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -60,8 +73,13 @@ from lctx.evals.longbench.prompts import (
     PROMPTS,
     V2_MAX_NEW_TOKENS,
     V2_TEMPLATE,
-    build_prompt,
+    PromptIds,
+    exact_prompt,
+    official_v1,
+    official_v2,
+    v1_budget,
     v1_text,
+    v2_budget,
     v2_text,
 )
 from lctx.spec import Param
@@ -69,10 +87,15 @@ from lctx.stats import accuracy_metrics
 
 DATA_DIR = Param("data_dir", str, None, "directory of the data files (LongBench's data.zip; LongBench v2's "
                  "data.json); default: the hub, through `datasets`", identity=False)
+BUDGET = Param("budget", str, "official", "prompt budget and truncation: official (pred.py's max_length for the "
+               "length, middle cut decoded and re-encoded, chat wrapper not counted) or exact (length − "
+               "max_new_tokens ids, cut in token space, wrapper counted)", choices=("official", "exact"))
+STRICT = Metric("accuracy_strict", True, percent=True, label="accuracy (empty outputs wrong)",
+                counts=("correct", "trials_strict"), interval=("ci_low_strict", "ci_high_strict"))
 
 
 class LongBenchBase(GenerationTask):
-    """Shared by v1 and v2: prompts of at most ``length − max_new_tokens`` tokens, answered greedily."""
+    """Shared by v1 and v2: prompts cut to the budget of the ``budget`` convention, answered greedily."""
 
     hub = ""
 
@@ -86,12 +109,16 @@ class LongBenchBase(GenerationTask):
 
     def identity(self) -> dict[str, Any]:
         return {"samples": self.args.samples, "data": source_id(self.args.data_dir, self.hub),
-                "chat_template": self.args.chat_template, "max_new_tokens": self.args.max_new_tokens}
+                "chat_template": self.args.chat_template, "max_new_tokens": self.args.max_new_tokens,
+                "budget": self.args.budget}
 
     @classmethod
     def upgrade(cls, config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        """Schema-1 records wrote ``samples: "all"`` for every example."""
-        upgraded = dict(config)
+        """Schema-1 records wrote ``samples: "all"`` for every example, and were made with lctx's exact budget."""
+        upgraded = {k: v for k, v in config.items() if k != "edit_sim"}
+        upgraded.setdefault("budget", "exact")
+        if "edit_sim" in config:  # after the budget, as identity() puts it
+            upgraded["edit_sim"] = config["edit_sim"]
         if upgraded.get("samples") == "all":
             upgraded["samples"] = None
         return upgraded
@@ -106,9 +133,34 @@ class LongBenchBase(GenerationTask):
     def chat(self) -> bool:
         return bool(self.args.chat_template)
 
+    @property
+    def official(self) -> bool:
+        return self.args.budget == "official"
+
+    def official_budget(self, length: int) -> int:
+        raise NotImplementedError
+
+    def official_rule(self) -> str:
+        raise NotImplementedError
+
+    def budget(self, length: int) -> int:
+        """The prompt budget of a cell under the ``budget`` convention."""
+        return self.official_budget(length) if self.official else length - self.args.max_new_tokens
+
+    def truncate(self, engine: Engine, text: str, length: int) -> PromptIds:
+        raise NotImplementedError
+
     def check(self, engine: Engine, cells: list[Cell]) -> None:
-        wrapper = sum(map(len, engine.chat_wrapper())) if self.chat else 0
         shortest = min(c.length for c in cells)
+        if self.official:
+            if self.official_budget(shortest) < 2:
+                raise TaskError(f"{self.name}: length {shortest} leaves no prompt under LongBench's official "
+                                f"budget ({self.official_rule()} = {self.official_budget(shortest)} tokens); use "
+                                "longer lengths, or budget=exact")
+            if self.chat:
+                engine.chat("")  # no chat template: fail before the model loads
+            return
+        wrapper = sum(map(len, engine.chat_wrapper())) if self.chat else 0
         max_new = self.args.max_new_tokens
         if shortest - max_new < wrapper + 1:
             raise TaskError(
@@ -123,18 +175,23 @@ class LongBenchBase(GenerationTask):
     def text(self, example) -> str:
         raise NotImplementedError
 
+    def prompt(self, engine: Engine, example, length: int) -> PromptIds:
+        """An example's prompt ids for a cell ``length``, by the ``budget`` convention."""
+        if self.official:
+            return self.truncate(engine, self.text(example), self.official_budget(length))
+        return exact_prompt(engine, self.text(example), self.budget(length), self.chat)
+
     def requests(self, engine: Engine, cell: Cell) -> Iterator[GenerateRequest]:
         stops, min_new = self.stops(engine)
-        budget = cell.length - self.args.max_new_tokens
         for index, example in enumerate(self.examples):
-            prompt = build_prompt(engine, self.text(example), budget, self.chat)
+            prompt = self.prompt(engine, example, cell.length)
             yield GenerateRequest(prompt.ids, self.args.max_new_tokens, stops, min_new, meta=(index, example, prompt))
 
     def data_record(self, engine: Engine, cell: Cell) -> dict[str, Any]:
         stops, _ = self.stops(engine)
         return {"source": self.load().source, "examples_available": len(self.load().examples),
-                "chat_template_applied": self.chat, "bos_added": bool(engine.prefix),
-                "prompt_budget": cell.length - self.args.max_new_tokens, "stop_ids": sorted(stops)}
+                "chat_template_applied": self.chat, "bos_added": bool(engine.prefix), "budget": self.args.budget,
+                "prompt_budget": self.budget(cell.length), "stop_ids": sorted(stops)}
 
 
 class LongBenchTask(LongBenchBase):
@@ -142,7 +199,7 @@ class LongBenchTask(LongBenchBase):
 
     description = "a LongBench v1 task"
     params = (samples_param(None, "examples per cell, the first N of the file (default all)"), DATA_DIR,
-              CHAT_TEMPLATE, max_new_tokens_param(128),
+              CHAT_TEMPLATE, max_new_tokens_param(128), BUDGET,
               Param("edit_sim", str, "difflib", "code tasks' edit similarity: fuzzywuzzy's difflib backend or "
                     "python-Levenshtein", choices=lm.EDIT_SIM_BACKENDS))
     metrics = (Metric("score", True, headline=True, label="score (×100)", resample=Resample("score", scale=100)),)
@@ -165,6 +222,15 @@ class LongBenchTask(LongBenchBase):
 
     def load(self) -> Loaded:
         return load_v1(self.args.data_dir, self.name.removeprefix("longbench:"), self.dataset)
+
+    def official_budget(self, length: int) -> int:
+        return v1_budget(length)
+
+    def official_rule(self) -> str:
+        return "⌊length·1000/1024⌋ − 500"
+
+    def truncate(self, engine: Engine, text: str, length: int) -> PromptIds:
+        return official_v1(engine, text, length, self.chat)
 
     def text(self, example) -> str:
         return v1_text(self.dataset, example)
@@ -204,13 +270,22 @@ class LongBenchV2(LongBenchBase):
     description = ("LongBench v2: 4-choice questions over long documents (0-shot prompt), accuracy overall, by "
                    "difficulty and by length")
     params = (samples_param(None, "questions per cell, the first N (default all)"), DATA_DIR, CHAT_TEMPLATE,
-              max_new_tokens_param(V2_MAX_NEW_TOKENS))
-    metrics = (ACCURACY,)
+              max_new_tokens_param(V2_MAX_NEW_TOKENS), BUDGET)
+    metrics = (dataclasses.replace(ACCURACY, label="accuracy (empty outputs excluded, official)"), STRICT)
     figures = ("lines",)
     hub = HF_V2
 
     def load(self) -> Loaded:
         return load_v2(self.args.data_dir)
+
+    def official_budget(self, length: int) -> int:
+        return v2_budget(length)
+
+    def official_rule(self) -> str:
+        return "⌊length·120000/131072⌋"
+
+    def truncate(self, engine: Engine, text: str, length: int) -> PromptIds:
+        return official_v2(engine, text, length, self.chat)
 
     def text(self, example) -> str:
         return v2_text(example)
@@ -220,8 +295,8 @@ class LongBenchV2(LongBenchBase):
         choice = lm.extract_choice(answer.text)
         return {"index": index, "id": example.id, "difficulty": example.difficulty, "length": example.length,
                 "prompt_tokens": len(prompt.ids), "full_tokens": prompt.full_tokens, "truncated": prompt.truncated,
-                "new_tokens": len(answer.tokens), "response": answer.text, "prediction": choice,
-                "answer": example.answer, "correct": choice == example.answer}
+                "new_tokens": len(answer.tokens), "response": answer.text, "empty": answer.text == "",
+                "prediction": choice, "answer": example.answer, "correct": choice == example.answer}
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return v2_metrics(rows)
@@ -231,14 +306,27 @@ class LongBenchV2(LongBenchBase):
 
 
 def v2_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy with a Wilson interval overall and per difficulty and length class (suffixed ``_easy`` …)."""
-    metrics = accuracy_metrics(sum(r["correct"] for r in rows), len(rows))
+    """Accuracy both ways, overall and per difficulty and length class (suffixed ``_easy`` …).
+
+    ``accuracy`` is the official one: LongBench v2's pred.py writes no result for an empty output, so result.py
+    divides by the questions answered (``trials``; ``excluded`` counts the others); ``accuracy_strict`` counts
+    them wrong (``trials_strict``: every question). Each with its Wilson 95% interval.
+    """
+    def both(part: list[dict[str, Any]], suffix: str = "") -> dict[str, Any]:
+        kept = [r for r in part if not r.get("empty")]
+        out = {f"{name}{suffix}": value
+               for name, value in accuracy_metrics(sum(r["correct"] for r in kept), len(kept)).items()}
+        strict = accuracy_metrics(sum(r["correct"] for r in part), len(part))
+        for name in ("accuracy", "ci_low", "ci_high", "trials"):
+            out[f"{name}_strict{suffix}"] = strict[name]
+        return out
+
+    metrics = both(rows)
+    metrics["excluded"] = sum(bool(r.get("empty")) for r in rows)
     metrics["unanswered"] = sum(r["prediction"] is None for r in rows)
     for field, groups in (("difficulty", V2_DIFFICULTIES), ("length", V2_LENGTHS)):
         for group in groups:
-            part = [r for r in rows if r[field] == group]
-            for name, value in accuracy_metrics(sum(r["correct"] for r in part), len(part)).items():
-                metrics[f"{name}_{group}"] = value
+            metrics.update(both([r for r in rows if r[field] == group], f"_{group}"))
     return metrics
 
 

@@ -208,16 +208,39 @@ def load_v1(data_dir: str | None, file: str, dataset: str) -> Loaded:
     return _load_file(path, parse)
 
 
+def _is_v2_file(path: Path) -> bool:
+    """Does the first line of this .jsonl hold a LongBench v2 question (a ``choice_A`` field)?"""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        row = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and "choice_A" in row
+
+
+def v2_file(directory: Path) -> Path:
+    """LongBench v2's file in ``directory``: longbench_v2.jsonl, the official data.json, or else the one .jsonl
+    whose lines are v2 questions (a split saved under its own name); DataError when none or several."""
+    for name in V2_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(p for p in directory.glob("*.jsonl") if p.is_file() and _is_v2_file(p))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise DataError(f"longbench-v2: --data-dir {str(directory)!r} holds several LongBench v2 files "
+                        f"({', '.join(p.name for p in found)}); keep one, or name it {V2_FILES[0]}")
+    raise DataError(f"longbench-v2: --data-dir {str(directory)!r} holds neither {' nor '.join(V2_FILES)} "
+                    f"nor another .jsonl of LongBench v2 questions (LongBench v2's data.json from {HF_V2}, or the "
+                    "same examples one per line)")
+
+
 def load_v2(data_dir: str | None) -> Loaded:
     if data_dir is None:
         return _load_hub(HF_V2, None, "train", parse_v2, f"pass --data-dir DIR holding LongBench v2's data.json "
                          f"(from {HF_V2}) or its examples one per line as {V2_FILES[0]}")
-    directory = _data_dir(data_dir)
-    for name in V2_FILES:
-        if (directory / name).is_file():
-            return _load_file(directory / name, parse_v2)
-    raise DataError(f"longbench-v2: --data-dir {str(directory)!r} holds neither {' nor '.join(V2_FILES)} "
-                    f"(LongBench v2's data.json from {HF_V2}, or the same examples one per line)")
+    return _load_file(v2_file(_data_dir(data_dir)), parse_v2)
 
 
 def source_id(data_dir: str | None, hub: str) -> str:

@@ -1,8 +1,11 @@
 """LongBench's prompts as its official code builds them: templates, answer budgets, categories, truncation.
 
 From THUDM/LongBench: ``config/dataset2prompt.json`` (templates), ``config/dataset2maxlen.json`` (answer
-budgets), the paper's six categories, ``pred.py``'s rule of which tasks are not chat-wrapped, and LongBench v2's
-``prompts/0shot.txt``.
+budgets), the paper's six categories, ``pred.py``'s rule of which tasks are not chat-wrapped and its middle
+truncation (v1: ``int(max_length/2)`` ids at each end, each half decoded and the text re-encoded, the chat
+wrapper added after; v2: ``max_len//2`` first and ``-max_len//2`` last ids decoded as one text), and LongBench
+v2's ``prompts/0shot.txt``. :func:`exact_prompt` is lctx's own convention (``budget=exact``): ids sliced to
+exactly the budget, the chat wrapper counted in it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from lctx.evals.longbench.data import ChoiceExample, Example
 # config/dataset2prompt.json
 PROMPTS = {
     "narrativeqa": (
+        # "asconcisely" (no space, twice) is the official text in every version of dataset2prompt.json: kept, so
+        # that narrativeqa's prompts are the ones LongBench's published scores were measured with
         "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
-        "as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
-        "{context}\n\nNow, answer the question based on the story as concisely as you can, using a single phrase "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
+        "{context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase "
         "if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"),
     "qasper": (
         "You are given a scientific article and a question. Answer the question as concisely as you can, using a "
@@ -118,12 +123,51 @@ V2_MAX_NEW_TOKENS = 128
 @dataclass
 class PromptIds:
     ids: list[int]
-    full_tokens: int  # before truncation
+    full_tokens: int  # the whole prompt's ids before truncation (the tokenizer's special tokens included)
     chat: bool
+    truncated: bool
 
-    @property
-    def truncated(self) -> bool:
-        return self.full_tokens > len(self.ids)
+
+def v1_budget(length: int) -> int:
+    """The official prompt budget for a cell ``length``: pred.py's ``max_length`` of a model of that context.
+
+    model2maxlen.json gives 3500, 7500, 15500 and 31500 to its 4k, 8k, 16k and 32k models: thousands of the
+    context in k (×1024) tokens, less 500. The same rule at any length: ⌊length·1000/1024⌋ − 500.
+    """
+    return length * 1000 // 1024 - 500
+
+
+def v2_budget(length: int) -> int:
+    """LongBench v2's official ``max_len`` (model2maxlen.json: 120000 for its 128k models), in proportion."""
+    return length * 120_000 // 131_072
+
+
+def official_v1(engine: Engine, text: str, max_length: int, chat: bool) -> PromptIds:
+    """LongBench v1's pred.py: over ``max_length`` ids (special tokens included), the first and the last
+    ``int(max_length/2)`` are decoded separately (special tokens skipped) and the joined text is the prompt,
+    wrapped in the chat template if ``chat`` and tokenized again; the wrapper is not counted."""
+    ids = engine.encode(text)
+    truncated = len(ids) > max_length
+    if truncated:
+        half = max_length // 2  # int(max_length/2): one id fewer than an odd budget
+        text = engine.decode(ids[:half]) + engine.decode(ids[-half:])
+    return PromptIds(engine.chat(text) if chat else engine.encode(text), len(ids), chat, truncated)
+
+
+def official_v2(engine: Engine, text: str, max_len: int, chat: bool) -> PromptIds:
+    """LongBench v2's pred.py: over ``max_len`` ids, ``ids[:max_len//2] + ids[-max_len//2:]`` (the tail keeps
+    ⌈max_len/2⌉: ``-max_len//2`` floors the negative) decoded as one text; the chat template comes after."""
+    ids = engine.encode(text)
+    text = official_v2_text(engine, text, max_len, ids)
+    return PromptIds(engine.chat(text) if chat else engine.encode(text), len(ids), chat, len(ids) > max_len)
+
+
+def official_v2_text(engine: Engine, text: str, max_len: int, ids: list[int] | None = None) -> str:
+    """The text LongBench v2's pred.py sends for ``text`` (``ids``: its ids with special tokens, if known)."""
+    ids = engine.encode(text) if ids is None else ids
+    if len(ids) <= max_len:
+        return text
+    return engine.decode(ids[:max_len // 2] + ids[-max_len // 2:])
 
 
 def middle_truncate(ids: list[int], budget: int) -> list[int]:
@@ -134,8 +178,9 @@ def middle_truncate(ids: list[int], budget: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
-def build_prompt(engine: Engine, text: str, budget: int, chat: bool) -> PromptIds:
-    """``text`` as ids of at most ``budget`` tokens, cut in the middle; wrapped in the chat template if ``chat``.
+def exact_prompt(engine: Engine, text: str, budget: int, chat: bool) -> PromptIds:
+    """lctx's convention: ``text`` as ids of at most ``budget`` tokens, cut in the middle in token space (never
+    decoded and re-encoded); wrapped in the chat template if ``chat``, the wrapper counted in the budget.
 
     Without the chat template the ids are the tokenizer's own prefix (BOS) and the text; with it, the
     template's ids around the text, whose middle is cut so that the whole fits.
@@ -144,9 +189,10 @@ def build_prompt(engine: Engine, text: str, budget: int, chat: bool) -> PromptId
         before, after = engine.chat_wrapper()
         body = engine.encode(text, special=False)
         room = budget - len(before) - len(after)
-        return PromptIds(before + middle_truncate(body, room) + after, len(before) + len(body) + len(after), True)
+        full = len(before) + len(body) + len(after)
+        return PromptIds(before + middle_truncate(body, room) + after, full, True, full > budget)
     ids = engine.prefix + engine.encode(text, special=False)
-    return PromptIds(middle_truncate(ids, budget), len(ids), False)
+    return PromptIds(middle_truncate(ids, budget), len(ids), False, len(ids) > budget)
 
 
 def v1_text(dataset: str, example: Example) -> str:

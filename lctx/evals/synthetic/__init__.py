@@ -1,10 +1,16 @@
-"""RULER-style synthetic tasks (``synthetic:<member>``), built at exact token lengths.
+"""RULER's synthetic tasks (``synthetic:<member>``).
 
-The tasks follow RULER (Hsieh et al. 2024, arXiv:2404.06654; NVIDIA/RULER ``scripts/data/synthetic``): the
-same needles, templates, answer prefixes, complexity settings and scoring (``string_match_all``: a trial scores
-the fraction of its answers found, case-insensitively, in the output), but every prompt is assembled in token
-space and is **exactly** the cell's length; the answer is generated after it, greedily, up to RULER's token
-budgets. As in RULER's ``synthetic.yaml``, members are *data*: presets of a few generators' parameters, so
+The tasks are RULER's (Hsieh et al. 2024, arXiv:2404.06654; NVIDIA/RULER ``scripts/data/synthetic``), with
+RULER's scoring (``string_match_all``: a trial scores the fraction of its answers found, case-insensitively, in
+the output; ``string_match_part`` for QA: 1 when any answer is found). ``fit`` says how a prompt is built:
+
+* ``fit=ruler`` (default): as RULER's scripts build it (:mod:`lctx.evals.synthetic.ruler`): its templates,
+  haystack layouts, word lists and random draws (``seed=42`` is RULER's), the prompt tokenized as one text, and
+  prompt + answer (``max_new_tokens``, RULER's budgets) within the cell's length, so prompts are shorter than it.
+* ``fit=exact``: lctx's own generator: the prompt **exactly** the cell's length, assembled in token space, the
+  answer generated after it (so prompt + answer pass the length); its own layout (see :mod:`.base`).
+
+As in RULER's ``synthetic.yaml``, members are *data*: presets of a few generators' parameters, so
 ``synthetic:niah-multikey`` is the needle generator with ``keys=4`` and ``synthetic:niah-multikey:keys=8``
 changes it.
 
@@ -20,9 +26,12 @@ member                 RULER task                                  preset
 ``variable-tracking``  vt                                          a chain of ``hops=4`` assignments
 ``common-words``       cwe                                         the ``common=10`` most repeated words
 ``frequent-words``     fwe                                         the 3 most frequent coded words (Zipf α=2)
+``qa-squad``           qa_1                                        QA over SQuAD 2.0 documents (``--data-dir``)
+``qa-hotpotqa``        qa_2                                        QA over HotpotQA documents (``--data-dir``)
 =====================  ==========================================  =============================================
 
-``all`` runs every member; ``cwe`` and ``fwe`` are aliases. Haystacks: ``corpus`` (the task's ``data``, default
+``all`` runs every member that needs no data files (all but the QA tasks); ``cwe``, ``fwe``, ``qa_1`` and
+``qa_2`` are aliases. Haystacks: ``corpus`` (the task's ``data``, default
 the Python reference manual; RULER's "essay"), ``noise`` (RULER's ``The grass is green. …``) or ``needles``
 (distractor needles one per line). Each length records ``score`` (mean over trials, a fraction; RULER reports
 100×) and ``accuracy`` (trials with every answer found) with a Wilson 95% interval. RULER's effective length is a
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 from lctx.evals import TaskError, TaskFamily, TaskType
 from lctx.evals.synthetic.needles import Needles
+from lctx.evals.synthetic.qa import QuestionAnswering
 from lctx.evals.synthetic.tracking import VariableTracking
 from lctx.evals.synthetic.words import CommonWords, FrequentWords
 
@@ -52,8 +62,12 @@ PRESETS = {
     "common-words": (CommonWords, {}, "common_words_extraction", "the 10 most repeated words of a numbered list"),
     "frequent-words": (FrequentWords, {}, "freq_words_extraction",
                        "the 3 most frequent coded words of Zipf-distributed text"),
+    "qa-squad": (QuestionAnswering, {}, "qa_1", "a SQuAD question answered among distractor paragraphs"),
+    "qa-hotpotqa": (QuestionAnswering, {"dataset": "hotpotqa"}, "qa_2",
+                    "a HotpotQA question answered among distractor paragraphs"),
 }
-ALIASES = {"cwe": "common-words", "fwe": "frequent-words"}
+ALIASES = {"cwe": "common-words", "fwe": "frequent-words", "qa_1": "qa-squad", "qa_2": "qa-hotpotqa"}
+NEEDS_DATA = ("qa-squad", "qa-hotpotqa")
 MEMBERS = {member: TaskType(f"{PREFIX}:{member}", cls, tuple(preset.items()), f"RULER {ruler}: {description}",
                             (("ruler", ruler),))
            for member, (cls, preset, ruler, description) in PRESETS.items()}
@@ -66,7 +80,7 @@ def members() -> str:
 def resolve(member: str) -> list[TaskType]:
     """``all``, a member name or an alias → task types."""
     if member == "all":
-        return list(MEMBERS.values())
+        return [kind for name, kind in MEMBERS.items() if name not in NEEDS_DATA]
     name = ALIASES.get(member, member)
     if name not in MEMBERS:
         raise TaskError(f"unknown synthetic task {member!r}. Valid: {PREFIX}:<{members()}>")

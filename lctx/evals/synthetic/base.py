@@ -1,9 +1,14 @@
-"""What every RULER-style task shares: exact-length prompt assembly, haystacks, insertion, scoring.
+"""What every RULER task shares: the two length conventions (``fit``), haystacks, insertion, scoring.
 
-Pieces are tokenized on their own and their ids concatenated: the tokenizer's prefix (BOS) or, with
-``chat_template=true``, the chat template's user turn around the task; the instruction; the context, exactly as
-many tokens as remain; the question; the answer prefix. Keys, values, word choices, depths and offsets come
-from ``random.Random`` seeded by (task, seed, length, trial), so every RoPE variant sees identical prompts.
+``fit=ruler`` (the default) builds a cell's prompts with :mod:`lctx.evals.synthetic.ruler`, as RULER's scripts
+do: whole texts, tokenized once, prompt + answer within the length. ``fit=exact`` is lctx's own generator, as
+lctx had it before issue 18: pieces tokenized on their own and their ids concatenated, the prompt exactly the
+length: the tokenizer's prefix (BOS) or, with ``chat_template=true``, the chat template's user turn around the
+task; the instruction; the context, exactly as many tokens as remain; the question; the answer prefix. Its keys,
+values, word choices, depths and offsets come from ``random.Random`` seeded by (task, seed, length, trial); its
+layout is lctx's (a corpus or noise stream from a random sentence start, needles inline at 40 depths, a fixed
+key list), and the joined pieces may re-encode to other ids than the text's own. Either way every RoPE variant
+sees identical prompts.
 """
 
 from __future__ import annotations
@@ -17,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lctx import data
-from lctx.engine import Engine, GenerateRequest, Generation
+from lctx.engine import Engine, GenerateRequest, Generation, render_chat
 from lctx.evals import (
     ACCURACY,
     CHAT_TEMPLATE,
     DATA,
-    SEED,
     TEXT_FIELD,
     Cell,
     Metric,
@@ -32,6 +36,7 @@ from lctx.evals import (
 )
 from lctx.evals.filler import FILLER, nearest
 from lctx.evals.generation import GenerationTask
+from lctx.evals.synthetic import ruler as generators
 from lctx.spec import Param
 from lctx.stats import accuracy_metrics
 
@@ -40,6 +45,7 @@ SENTENCE_ENDS = (".", "!", "?", "\n")
 SPAN = 131_072  # corpus haystack windows come from the stream's first SPAN tokens (the default corpus: all of it)
 SCORE = Metric("score", True, headline=True, percent=True, label="score (RULER string_match_all)",
                resample=Resample("score"))
+ESSAY_CHARS = 20_000_000  # the corpus text read for RULER's essay haystack (its words are taken from the start)
 
 
 class DataNeeded(TaskError):
@@ -53,6 +59,13 @@ def string_match_all(output: str, answers: list[str]) -> list[bool]:
     """RULER's ``string_match_all`` per answer: is it a case-insensitive substring of the output?"""
     low = output.lower()
     return [answer.lower() in low for answer in answers]
+
+
+def string_match_part(output: str, answers: list[str]) -> float:
+    """RULER's ``string_match_part`` for one output (its QA tasks): 1 when any answer is a case-insensitive
+    substring of it, else 0 (RULER averages these over the samples, ×100)."""
+    low = output.lower()
+    return max(1.0 if answer.lower() in low else 0.0 for answer in answers)
 
 
 def cell_metrics(trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -157,7 +170,11 @@ def haystack_param(default: str, choices: tuple[str, ...]) -> Param:
                  "noise (RULER's repeated sentences) or needles (distractor needles, one per line)", choices=choices)
 
 
-COMMON = (samples_param(5, "trials per length"), SEED, CHAT_TEMPLATE, DATA, TEXT_FIELD)
+SEED = Param("seed", int, 42, "seed of the prompts' random draws (RULER's --random_seed, 42)", ge=0)
+FIT = Param("fit", str, "ruler", "length convention and layout: ruler (RULER's generator: its layout and draws, "
+            "prompt + answer within the length) or exact (lctx's: the prompt exactly the length, built in token "
+            "space, the answer after it)", choices=("ruler", "exact"))
+COMMON = (samples_param(5, "trials per length"), SEED, CHAT_TEMPLATE, FIT, DATA, TEXT_FIELD)
 
 
 class SyntheticTask(GenerationTask):
@@ -166,12 +183,18 @@ class SyntheticTask(GenerationTask):
     metrics = (SCORE, dataclasses.replace(ACCURACY, headline=False))
     figures = ("lines",)
     ruler: str = ""  # the RULER task a member follows (set from its TaskType's attrs)
+    template: str = ""  # its template in RULER's constants.py
 
     def __init__(self, name: str, args: Mapping[str, Any]) -> None:
         super().__init__(name, args)
         self._haystack: tuple[tuple[int, int], Haystack] | None = None  # the last corpus haystack (they are large)
+        self._cells: dict[tuple[int, int], tuple[Any, list[Prompt]]] = {}  # RULER's prompts of the last cells
 
     # -- parameters --
+
+    @property
+    def exact(self) -> bool:
+        return self.args.get("fit") == "exact"
 
     @property
     def haystack_kind(self) -> str | None:
@@ -191,7 +214,8 @@ class SyntheticTask(GenerationTask):
 
     @classmethod
     def upgrade(cls, config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        upgraded = super().upgrade(config, defaults)
+        """Schema-1 records were made by lctx's exact-length generator (``fit=exact``) at seed 0 unless given."""
+        upgraded = super().upgrade(config, {**defaults, "fit": "exact", "seed": 0})
         if "data" not in config:
             upgraded.pop("data", None)
         return upgraded
@@ -275,31 +299,92 @@ class SyntheticTask(GenerationTask):
 
     # -- running --
 
+    # -- RULER's generator (fit=ruler) --
+
+    def essay(self) -> list[str]:
+        """RULER's essay haystack from the corpus: its documents' words (whitespace runs made single spaces)."""
+        text, read = [], 0
+        for doc in self.corpus.documents(1):
+            text.append(doc.text)
+            read += len(doc.text)
+            if read >= ESSAY_CHARS:
+                break
+        return generators.essay_words("\n\n".join(text))
+
+    def ruler_template(self, engine: Engine, chat: bool) -> str:
+        """prepare.py's template: the task's (in the chat template when asked) followed by its answer prefix."""
+        task, prefix = generators.TEMPLATES[self.template]
+        return (render_chat(engine.tokenizer, task) if chat else task) + prefix
+
+    def ruler_samples(self, engine: Engine, cell: generators.Cell) -> list[generators.Sample]:
+        raise NotImplementedError
+
+    def ruler_texts(self, engine: Engine, length: int) -> list[generators.Sample]:
+        """The cell's prompts as RULER generates them, as texts (all at once: each sample continues the draws
+        of RULER's search and of the samples before it)."""
+        chat = bool(self.args.chat_template)
+        cell = generators.Cell(lambda text: len(engine.encode(text, special=False)), length,
+                               self.args.max_new_tokens, self.args.seed, self.ruler_template(engine, chat))
+        try:
+            return self.ruler_samples(engine, cell)
+        except (generators.DoesNotFit, generators.RepeatedNames) as err:
+            raise DataNeeded(f"{self.name}: length {length}: {err}; use longer --lengths") from None
+
+    def ruler_prompts(self, engine: Engine, length: int) -> list[Prompt]:
+        """:meth:`ruler_texts` tokenized, each as one text; cached for the last two cells."""
+        key = (id(engine.tokenizer), length)
+        found = self._cells.get(key)
+        if found is not None and found[0] is engine.tokenizer:
+            return found[1]
+        special = not self.args.chat_template  # a chat template's text has its own special tokens
+        prompts = [Prompt(engine.encode(s.text, special=special), s.answers,
+                          {**s.info, "ruler_length": s.tokens + self.args.max_new_tokens})
+                   for s in self.ruler_texts(engine, length)]
+        while len(self._cells) >= 2:
+            del self._cells[next(iter(self._cells))]
+        self._cells[key] = (engine.tokenizer, prompts)
+        return prompts
+
+    def prompts(self, engine: Engine, length: int) -> list[Prompt]:
+        """The cell's trials under the ``fit`` convention."""
+        if self.exact:
+            return [self.build(engine, length, trial) for trial in range(self.args.samples)]
+        return self.ruler_prompts(engine, length)
+
+    # -- running --
+
     def check(self, engine: Engine, cells: list[Cell]) -> None:
         """Build every trial at the shortest length (too short?) and one at the longest (corpus too small?)."""
         lengths = sorted({c.length for c in cells})
+        if not self.exact:
+            self.ruler_prompts(engine, lengths[0])
+            self.ruler_prompts(engine, lengths[-1])
+            return
         for trial in range(self.args.samples):
             self.build(engine, lengths[0], trial)
         self.build(engine, lengths[-1], 0)
 
     def requests(self, engine: Engine, cell: Cell) -> Iterator[GenerateRequest]:
-        for trial in range(self.args.samples):
-            prompt = self.build(engine, cell.length, trial)
+        for trial, prompt in enumerate(self.prompts(engine, cell.length)):
             yield GenerateRequest(prompt.ids, self.args.max_new_tokens, engine.eos_or_pad, meta=(trial, prompt))
+
+    def match(self, output: str, answers: list[str]) -> tuple[list[bool], float]:
+        """Which answers the output holds and the trial's score: RULER's string_match_all."""
+        found = string_match_all(output, answers)
+        return found, sum(found) / len(found)
 
     def score(self, request: GenerateRequest, answer: Generation) -> dict[str, Any]:
         trial, prompt = request.meta
-        found = string_match_all(answer.text, prompt.answers)
+        found, score = self.match(answer.text, prompt.answers)
         return {"trial": trial, "answers": prompt.answers, "output": answer.text, "found": found,
-                "score": sum(found) / len(found), "correct": all(found), "prompt_tokens": len(prompt.ids),
-                **prompt.info}
+                "score": score, "correct": score == 1, "prompt_tokens": len(prompt.ids), **prompt.info}
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return cell_metrics(rows)
 
     def data_record(self, engine: Engine, cell: Cell) -> dict[str, Any]:
         record = {"ruler_task": self.ruler, "bos_added": bool(engine.prefix) and not self.args.chat_template,
-                  "chat_template": self.args.chat_template}
+                  "chat_template": self.args.chat_template, "fit": self.args.get("fit", "ruler")}
         if self.haystack_kind is not None:
             record["haystack"] = self.haystack_kind
         if self.reads_corpus:

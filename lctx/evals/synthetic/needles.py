@@ -2,6 +2,9 @@
 
 Keys with values hidden as ``One of the special magic {values} for {key} is: {value}.``, in a haystack of the
 corpus (RULER's essay), RULER's noise sentences, or distractor needles one per line (``haystack=needles``).
+With ``fit=ruler`` (:mod:`lctx.evals.synthetic.ruler`) word keys are RULER's adjective-noun pairs from
+wonderwords, noise lines and needle lines each on their own line, needles at random lines; ``fit=exact`` keeps
+lctx's exact-length generator (its own key list, needles inline in a stream).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from lctx.engine import Engine
 from lctx.evals import max_new_tokens_param
+from lctx.evals.synthetic import ruler as generators
 from lctx.evals.synthetic.base import (
     COMMON,
     DEPTHS,
@@ -25,7 +29,7 @@ from lctx.evals.synthetic.base import (
 )
 from lctx.spec import Param
 
-# RULER draws keys as adjective-noun pairs (wonderwords); a fixed list keeps lctx free of that dependency.
+# fit=exact's keys (lctx's generator before issue 18); fit=ruler draws RULER's, adjective-noun pairs of wonderwords
 ADJECTIVES = (
     "amber ancient bitter brave brisk calm clever crimson curious dusty eager early fancy fierce gentle golden "
     "grumpy hollow humble icy jolly keen lazy lively loud lucky mellow misty noble odd pale plain proud quiet "
@@ -55,6 +59,7 @@ class Needles(SyntheticTask):
     """RULER's niah generator; see the module docstring."""
 
     description = "RULER niah: keys' values hidden in a haystack, some keys asked"
+    template = "niah"
     params = (*COMMON, max_new_tokens_param(128),
               Param("key_type", str, "words", "keys: adjective-noun words or UUIDs", choices=("words", "uuids")),
               Param("value_type", str, "numbers", "values: 7-digit numbers or UUIDs", choices=("numbers", "uuids")),
@@ -62,6 +67,15 @@ class Needles(SyntheticTask):
               Param("values", int, 1, "values per key", ge=1),
               Param("queries", int, 1, "keys asked (all their values must be answered)", ge=1),
               haystack_param("corpus", ("corpus", "noise", "needles")))
+
+    def ruler_samples(self, engine: Engine, cell: generators.Cell) -> list[generators.Sample]:
+        return generators.niah(cell, self.args, self.args.samples, self.essay)
+
+    def data_record(self, engine: Engine, cell) -> dict[str, Any]:
+        record = super().data_record(engine, cell)
+        if not self.exact and self.args.key_type == "words":
+            record["word_lists"] = generators.word_lists()
+        return record
 
     def new_key(self, rng: random.Random, taken: set[str]) -> str:
         return word_key(rng, taken) if self.args.key_type == "words" else random_uuid(rng)

@@ -7,18 +7,29 @@ from typing import Any
 
 from lctx.engine import Engine
 from lctx.evals import max_new_tokens_param
+from lctx.evals.synthetic import ruler as generators
 from lctx.evals.synthetic.base import COMMON, Body, DataNeeded, SyntheticTask, haystack_param, insert, window
 from lctx.spec import Param
 
 
 class VariableTracking(SyntheticTask):
-    """RULER's vt; the worked example before the task is a smaller instance (3-letter names), answered."""
+    """RULER's vt; the worked example before the task is a smaller instance (3-letter names), answered.
+
+    ``fit=ruler``: RULER's (one statement per line among the noise lines, ``VAR B = VAR A `` with its trailing
+    space, values 10000–99998, the answer prefix ending in a space, the example built at 500 tokens);
+    ``fit=exact``: lctx's exact-length generator.
+    """
 
     description = "RULER variable tracking: every variable of an assignment chain that holds a value"
+    template = "variable_tracking"
     params = (*COMMON, max_new_tokens_param(30),
               Param("hops", int, 4, "assignments after the first in the chain", ge=1),
               haystack_param("noise", ("corpus", "noise")))
     example_tokens = 500  # RULER builds its worked example at 500 tokens (here at most a quarter of the length)
+
+    def ruler_samples(self, engine: Engine, cell: generators.Cell) -> list[generators.Sample]:
+        bare = "".join(generators.TEMPLATES[self.template])  # the example's template: no chat template around it
+        return generators.variable_tracking(cell, self.args, self.args.samples, bare, self.essay)
 
     def chain(self, rng: random.Random, letters: int) -> tuple[list[str], str]:
         names: list[str] = []

@@ -12,6 +12,7 @@ from lctx import data
 from lctx.engine import Engine
 from lctx.evals import max_new_tokens_param
 from lctx.evals.filler import FILLER
+from lctx.evals.synthetic import ruler as generators
 from lctx.evals.synthetic.base import COMMON, Body, DataNeeded, SyntheticTask, noise_pad, tail_of
 from lctx.spec import Param
 
@@ -22,14 +23,28 @@ VOCABULARY_CHARS = 2_000_000  # the corpus text read for the word list; a fixed 
 
 class CommonWords(SyntheticTask):
     """RULER's cwe: a numbered list where the common words repeat often (30×; 6× below 4k) and the rest rarely
-    (3×; 1×); the words come from the corpus."""
+    (3×; 1×). ``fit=ruler``: RULER's words (wonderwords' lists, shuffled by the seed; its english_words.json from
+    ``data_dir`` past them) and list ("1. word 2. word"); ``fit=exact``: lctx's, the words from the corpus."""
 
     description = "RULER common words: the most repeated words of a numbered word list"
-    params = (*COMMON, max_new_tokens_param(120), Param("common", int, 10, "words repeated often (asked)", ge=1))
+    params = (*COMMON, max_new_tokens_param(120), Param("common", int, 10, "words repeated often (asked)", ge=1),
+              Param("data_dir", str, None, "directory holding RULER's english_words.json, which fit=ruler needs at "
+                    "lengths past wonderwords' ~8.2k words", identity=False))
+    template = "common_words_extraction"
 
     @property
     def reads_corpus(self) -> bool:
-        return True
+        return self.exact
+
+    def ruler_samples(self, engine: Engine, cell: generators.Cell) -> list[generators.Sample]:
+        return generators.common_words_task(cell, self.args, self.args.samples,
+                                            lambda: generators.english_words(self.args.data_dir))
+
+    def data_record(self, engine: Engine, cell) -> dict[str, Any]:
+        record = super().data_record(engine, cell)
+        if not self.exact:
+            record["word_lists"] = generators.word_lists()
+        return record
 
     def repeats(self, length: int) -> tuple[int, int]:
         return (6, 1) if length < 4096 else (30, 3)  # RULER's settings below and from 4096 tokens
@@ -114,12 +129,17 @@ def zeta(alpha: float, terms: int = 1000) -> float:
 
 
 class FrequentWords(SyntheticTask):
-    """RULER's fwe: coded words with Zipf counts ⌊N·k^-α/ζ(α)⌋; rank 1 is the noise word ``...``."""
+    """RULER's fwe: coded words with Zipf counts ⌊N·k^-α/ζ(α)⌋; rank 1 is the noise word ``...``. ``fit=ruler``:
+    RULER's vocabulary of (length − max_new_tokens) // 50 words; ``fit=exact``: lctx's, length // 50."""
 
     description = "RULER frequent words: the 3 most frequent coded words of Zipf-distributed text"
+    template = "freq_words_extraction"
     params = (*COMMON, max_new_tokens_param(50),
               Param("alpha", float, 2.0, "Zipf exponent of the word counts", gt=1),
               Param("letters", int, 6, "letters per coded word", ge=2))
+
+    def ruler_samples(self, engine: Engine, cell: generators.Cell) -> list[generators.Sample]:
+        return generators.frequent_words(cell, self.args, self.args.samples)
 
     def plan(self, engine: Engine, rng: random.Random, length: int) -> dict[str, Any]:
         size = max(length // 50, 5)  # RULER: vocabulary of max_seq_length // 50 coded words
