@@ -1,4 +1,5 @@
-"""``python -m lctx``: the command line, for launchers that start modules (``torchrun -m lctx eval …``)."""
+"""``python -m lctx``: the ``lctx`` command, for launchers that start modules (``torchrun -m lctx eval …``)
+and environments where the console script is not on PATH."""
 
 from lctx.cli import app
 

@@ -208,6 +208,11 @@ def tasks_(as_json: bool = typer.Option(False, "--json", help="print a JSON list
     console.print(table)
 
 
+THRESHOLD_HELP = ("effective length (RULER): the score (percent) every length up to it must beat (RULER: 85.6)")
+RELATIVE_HELP = ("relative effective length (NoLiMa): the share of the variant's own score at the shortest length "
+                 "every length up to it must keep (NoLiMa: 0.85)")
+
+
 @app.command("results")
 def results_(
     directory: Path = typer.Argument(Path("results"), help="results directory (lctx eval --out)"),
@@ -217,8 +222,8 @@ def results_(
                                       "metrics); e.g. last_k_ppl, nll, seconds"),
     by_depth: bool = typer.Option(False, "--by-depth", help="passkey/niah: one column per length and depth"),
     threshold: float = typer.Option(summaries.DEFAULT_THRESHOLD, "--threshold", min=0, max=100,
-                                    help="effective length: the score (percent) every length up to it must beat "
-                                    "(RULER: 85.6)"),
+                                    help=THRESHOLD_HELP),
+    relative: float = typer.Option(summaries.DEFAULT_RELATIVE, "--relative", min=0, max=1, help=RELATIVE_HELP),
     csv: Path | None = typer.Option(None, "--csv", help="also write every cell as one CSV row"),
 ) -> None:
     """Print comparison tables (variants × lengths, per task and model) and summaries of a results directory.
@@ -245,7 +250,7 @@ def results_(
         except OSError as err:
             raise _fail(ValueError(f"--csv {str(csv)!r}: {err.strerror}")) from None
         console.print(f"wrote {len(records)} rows to {csv}")
-    for item in view.console(records, metric=metric, by_depth=by_depth, threshold=threshold):
+    for item in view.console(records, metric=metric, by_depth=by_depth, threshold=threshold, relative=relative):
         console.print(item)
     if skipped:
         console.print(f"[yellow]warning:[/] {escape(skipped.describe())}")
@@ -277,13 +282,21 @@ def _gate_tables(result, fail_on_missing: bool) -> None:
 
 @app.command("report")
 def report_(
-    directory: Path = typer.Argument(Path("results"), help="results directory (lctx eval --out)"),
+    directory: str = typer.Argument("results", help="results directory (lctx eval --out); also a pack from lctx "
+                                    "pack or an https:// URL of one"),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="report directory: index.html, tables.md, "
                              "tables.tex, tables/, figures/"),
-    baseline: Path | None = typer.Option(None, "--baseline", help="results directory to compare against: exit "
-                                         "status 1 when a cell regresses beyond --tolerance"),
+    baseline: str | None = typer.Option(None, "--baseline", help="results to compare against (a directory, a "
+                                        "pack from lctx pack, or an https:// URL of one or of records.jsonl): exit "
+                                        "status 1 when a cell regresses beyond --tolerance"),
+    history: list[str] = typer.Option([], "--history", help="earlier results (directory, pack or URL; repeatable): "
+                                      "their runs join the directory's in the dashboard's history section"),
     tolerance: str = typer.Option("2%", "--tolerance", help="how much worse a cell may get before it counts as "
-                                  "a regression: 2% (of the baseline value) or 0.05 (absolute)"),
+                                  "a regression: 2% (of the baseline value) or 0.05 (absolute); the floor when "
+                                  "--noise widens it"),
+    noise: bool = typer.Option(True, "--noise/--no-noise", help="widen each cell's tolerance to the 95% interval "
+                               "of its change where the records carry one (Wilson for accuracies, bootstrap over "
+                               "documents or examples for perplexity and scores)"),
     fail_on_missing: bool = typer.Option(False, "--fail-on-missing", help="also fail the gate when a baseline "
                                          "cell is missing from the results"),
     summary_md: Path | None = typer.Option(None, "--summary-md", help="also write a compact Markdown summary "
@@ -293,17 +306,18 @@ def report_(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the figures (seconds each on a CPU); "
                                  "--no-figures for tables, dashboard and gate only"),
     threshold: float = typer.Option(summaries.DEFAULT_THRESHOLD, "--threshold", min=0, max=100,
-                                    help="effective length: the score (percent) every length up to it must beat "
-                                    "(RULER: 85.6)"),
+                                    help=THRESHOLD_HELP),
+    relative: float = typer.Option(summaries.DEFAULT_RELATIVE, "--relative", min=0, max=1, help=RELATIVE_HELP),
 ) -> None:
     """Write tables (Markdown, CSV, LaTeX), summaries, figures (PNG, PDF, SVG) and a static index.html; gate on a
     baseline.
 
-    Example: lctx report results/ --out report/ --baseline base-results/ --tolerance 2% --summary-md summary.md
+    Example: lctx report results/ --out report/ --baseline base.tar.gz --history base.tar.gz --summary-md summary.md
     """
     try:
-        written = view.report(directory, out, baseline=baseline, tolerance=tolerance, fail_on_missing=fail_on_missing,
-                              summary_md=summary_md, title=title, draw=figures, threshold=threshold)
+        written = view.report(directory, out, baseline=baseline, history_sources=history, tolerance=tolerance,
+                              fail_on_missing=fail_on_missing, summary_md=summary_md, title=title, draw=figures,
+                              threshold=threshold, relative=relative, noise=noise)
     except (view.ReportError, ValueError, OSError) as err:
         raise _fail(err) from None
     for where, skipped in written.skipped.items():
@@ -314,6 +328,28 @@ def report_(
     if written.gate is not None:
         _gate_tables(written.gate, fail_on_missing)
     raise typer.Exit(0 if written.passed else 1)
+
+
+@app.command("pack")
+def pack_(
+    directory: str = typer.Argument("results", help="results directory (lctx eval --out); also a pack or URL"),
+    out: Path = typer.Option(Path("results.tar.gz"), "--out", "-o", help="the archive to write"),
+    history: list[str] = typer.Option([], "--history", help="earlier results to carry along (directory, pack or "
+                                      "URL; repeatable), so that the archive holds their runs too"),
+) -> None:
+    """Write a results directory's records and manifests as one deterministic .tar.gz, for CI artifacts
+    (lctx report --baseline/--history read it back).
+
+    Example: lctx pack results/ -o results.tar.gz --history previous.tar.gz
+    """
+    from lctx import pack
+
+    try:
+        packed = pack.pack(directory, out, history)
+    except (pack.PackError, OSError) as err:
+        raise _fail(err) from None
+    console.print(f"Packed {packed.records} records of {packed.runs} run(s) and {packed.manifests} manifest(s) "
+                  f"into {packed.path}", highlight=False)
 
 
 @app.command("sweep")

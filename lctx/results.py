@@ -249,26 +249,34 @@ class Store:
             except OSError as err:
                 self.skipped.lines.append((str(path), f"cannot read ({err.strerror})"))
                 continue
-            for number, raw in enumerate(content.split(b"\n"), 1):
-                if not raw.strip():
-                    continue
-                where = f"{path.name}:{number}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    self.skipped.lines.append((where, "not UTF-8 (cut by a crash?)"))
-                    continue
-                except json.JSONDecodeError:
-                    self.skipped.lines.append((where, "not JSON (cut by a crash?)"))
-                    continue
-                why = problem(record)
-                if why is not None:
-                    self.skipped.lines.append((where, why))
-                    if why.startswith("schema"):
-                        self.skipped.newer_schema += 1
-                    continue
-                out.append(record)
+            out += parse(content, path.name, self.skipped)
         return out
+
+
+def parse(content: bytes, name: str, skipped: Skipped) -> list[dict[str, Any]]:
+    """The readable records of one records file's bytes (a file, an archive member, a download); the lines that
+    are not are added to ``skipped`` as ``name:line``."""
+    out = []
+    for number, raw in enumerate(content.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.lines.append((where, "not UTF-8 (cut by a crash?)"))
+            continue
+        except json.JSONDecodeError:
+            skipped.lines.append((where, "not JSON (cut by a crash?)"))
+            continue
+        why = problem(record)
+        if why is not None:
+            skipped.lines.append((where, why))
+            if why.startswith("schema"):
+                skipped.newer_schema += 1
+            continue
+        out.append(record)
+    return out
 
 
 def unwritable(directory: Path) -> str | None:

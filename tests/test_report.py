@@ -5,15 +5,13 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import math
 import re
-import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
+import browser
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -300,7 +298,7 @@ def test_report_files_png_pdf_svg_tables(full_report) -> None:
     _, written = full_report
     out = written.out
     stems = {p.stem for p in written.figures}
-    assert len(written.figures) == 3 * len(stems) == 18
+    assert len(written.figures) == 3 * len(stems) == 21  # the tasks' figures and the perplexity ↔ task scatter
     for stem in stems:
         png = out / "figures" / f"{stem}.png"
         with Image.open(png) as image:
@@ -338,7 +336,7 @@ def test_dashboard_is_self_contained(full_report) -> None:
     csp = [a["content"] for t, a in tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
     assert csp == ["default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
     images = [a["src"] for t, a in tags if t == "img"]
-    assert len(images) == 6
+    assert len(images) == 7
     for src in images:
         prefix = "data:image/svg+xml;base64,"
         assert src.startswith(prefix)
@@ -352,69 +350,40 @@ def test_dashboard_is_self_contained(full_report) -> None:
     assert "tiny &lt;report&gt;" in page and "<report>" not in page  # text is escaped
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-# run right after <head>, before the page's CSP meta takes effect: reports what the browser rendered
-PROBE = """<script>
-window.addEventListener("load", () => {
-  const images = [...document.images].map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width]);
-  const tables = [...document.querySelectorAll("table.results")].map(t => t.rows.length);
-  const best = document.querySelectorAll("td.best").length;
-  document.body.setAttribute("data-probe", JSON.stringify({images, tables, best}));
-});
-</script>"""
-
-
-def _page_requests(net_log: Path) -> list[str]:
-    """URLs of network requests a page started (the browser's own background requests have no origin)."""
-    text = net_log.read_text()
-    try:
-        log = json.loads(text)
-    except json.JSONDecodeError:  # a log cut short at exit lacks its closing brackets
-        log = json.loads(text.rstrip().rstrip(",") + "]}")
-    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
-    jobs = [e.get("params", {}) for e in log["events"] if e["type"] == start]
-    return [job["url"] for job in jobs if job.get("url") and job.get("initiator", "not an origin") != "not an origin"]
-
-
-def _dump_dom(chromium: str, page: Path, net_log: Path) -> str:
-    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-extensions", "--virtual-time-budget=5000", f"--log-net-log={net_log}",
-                           "--dump-dom", page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-@pytest.mark.skipif(_chromium() is None, reason="no chromium binary (Debian: apt-get install chromium)")
+@pytest.mark.skipif(browser.chromium() is None, reason="no chromium binary (Debian: apt-get install chromium)")
 def test_dashboard_renders_in_headless_chromium(full_report, tmp_path) -> None:
     _, written = full_report
-    chromium = _chromium()
-    dom = _dump_dom(chromium, written.index, tmp_path / "net.json")
+    chromium = browser.chromium()
+    dom = browser.dump_dom(chromium, written.index, tmp_path / "net.json")
     assert "<h1>tiny &lt;report&gt;</h1>" in dom and 'id="s-longbench"' in dom and 'id="s-synthetic"' in dom
     assert dom.count('class="results"') == len(written.tables)
-    assert _page_requests(tmp_path / "net.json") == []  # the page fetched nothing over the network
+    assert browser.page_requests(tmp_path / "net.json") == []  # the page fetched nothing over the network
     control = tmp_path / "control.html"  # the same check sees a page that does fetch something
     control.write_text('<html><body><img src="http://example.invalid/x.png"></body></html>')
-    _dump_dom(chromium, control, tmp_path / "control.json")
-    assert _page_requests(tmp_path / "control.json") == ["http://example.invalid/x.png"]
+    browser.dump_dom(chromium, control, tmp_path / "control.json")
+    assert browser.page_requests(tmp_path / "control.json") == ["http://example.invalid/x.png"]
 
-    probe_page = written.out / "probe.html"  # next to index.html, so relative paths resolve the same
-    probe_page.write_text(written.index.read_text().replace("<head>", "<head>\n" + PROBE, 1))
-    dom = _dump_dom(chromium, probe_page, tmp_path / "net2.json")
-    match = re.search(r'data-probe="([^"]+)"', dom)
-    assert match, "the page did not finish loading"
-    probe = json.loads(match.group(1).replace("&quot;", '"'))
-    assert len(probe["images"]) == 6
+    probe = browser.probe(chromium, written.index, tmp_path / "net2.json")
+    assert len(probe["images"]) == 7
     for complete, natural_width, shown_width in probe["images"]:  # every SVG decoded and laid out
         assert complete and natural_width > 100 and shown_width > 100
     expected_rows = [len(t.variants) + 1 for t in written.tables]
     assert probe["tables"] == expected_rows
     assert probe["best"] == sum(len(t.best(j)) for t in written.tables for j in range(len(t.columns)))
 
-
+    # effective lengths, both thresholds: a heatmap (variants × lengths) per task with a success-rate headline
+    assert {"effective-length", "correlation"} <= set(probe["sections"])
+    assert probe["heatTables"] == [3, 3, 3, 3]  # passkey, 2 synthetic tasks, synthetic:mean: header + 2 variants
+    heat = probe["heat"]
+    assert len(heat) == 2 * 2 + 3 * 2 * 2  # passkey at 2 lengths; synthetic tasks and their mean at 2 lengths
+    assert len({background for _, background, *_ in heat}) > 2  # coloured by score
+    marked = [(text, abs_, rel, border, shadow) for text, _, abs_, rel, border, shadow in heat if abs_ or rel]
+    assert marked and all(border == "4px" for _, abs_, _, border, _ in marked if abs_)
+    assert all(shadow != "none" for _, _, rel, _, shadow in marked if rel)
+    # synthetic niah-single of pi:factor=2 scores 90 at both lengths: effective by both rules at the longest
+    assert ("90", True, True, "4px") in [(t, a, r, b) for t, a, r, b, _ in marked]
+    # PPL ↔ each task measured at ppl's lengths: 4 LongBench and 2 synthetic tasks (passkey ran at other lengths)
+    assert probe["corr"] == [1 + 6]
 # ---- regression gate ---------------------------------------------------------------------------------------
 
 
@@ -439,7 +408,7 @@ def _gate_records():
 
 def test_gate_is_direction_aware_and_lists_missing_cells() -> None:
     current, baseline = _gate_records()
-    result = gate.compare(current, baseline, gate.parse_tolerance("2%"))
+    result = gate.compare(current, baseline, gate.parse_tolerance("2%"), noise=False)  # the tolerance alone
     regressed = {(c.key.task, c.key.metric, c.key.length, c.reason) for c in result.regressions}
     assert regressed == {("ppl", "ppl", 2048, "worse"), ("ppl", "ppl", 8192, "ok → oom"),
                          ("passkey", "accuracy", 1024, "worse")}
@@ -451,13 +420,70 @@ def test_gate_is_direction_aware_and_lists_missing_cells() -> None:
     (ppl_change,) = [c for c in result.regressions if c.key.length == 2048]
     assert ppl_change.delta() == "+0.6 (+3.0%)"
     # an absolute tolerance of 0.1 accepts the passkey drop of 0.1 but not the perplexity rises of 0.15 and 0.6
-    absolute = gate.compare(current, baseline, gate.parse_tolerance("0.1"))
+    absolute = gate.compare(current, baseline, gate.parse_tolerance("0.1"), noise=False)
     assert {(c.key.task, c.key.length) for c in absolute.regressions} == {("ppl", 1024), ("ppl", 2048), ("ppl", 8192)}
-    loose = gate.compare(current, baseline, gate.parse_tolerance("50%"))
+    loose = gate.compare(current, baseline, gate.parse_tolerance("50%"), noise=False)
     assert [c.reason for c in loose.regressions] == ["ok → oom"]  # a status change is never tolerated
     assert loose.passed() is False
-    lenient = gate.compare([r for r in current if r["length"] != 8192], baseline, gate.parse_tolerance("50%"))
+    lenient = gate.compare([r for r in current if r["length"] != 8192], baseline, gate.parse_tolerance("50%"),
+                           noise=False)
     assert lenient.passed() and not lenient.passed(fail_on_missing=True)
+
+
+def _docs(values: list[float], tokens: int = 100) -> list[dict]:
+    """Per-document samples of a ppl record: NLL sums for the given mean NLLs per token."""
+    return [{"tokens": tokens, "nll_sum": v * tokens, "last_k_tokens": 10, "last_k_nll_sum": v * 10} for v in values]
+
+
+def _ppl_with_docs(length: int, nlls: list[float]) -> dict:
+    docs = _docs(nlls)
+    nll = sum(d["nll_sum"] for d in docs) / sum(d["tokens"] for d in docs)
+    return {**rec(length=length, ppl=math.exp(nll), nll=nll), "samples": docs}
+
+
+def _naive_bootstrap_ppl(nlls: list[float]) -> tuple[float, float]:
+    """The documented bootstrap, written out: 2000 resamples of the documents (seed 0), percentile interval."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(nlls), size=(2000, len(nlls)))
+    stats = [math.exp(sum(nlls[i] for i in row) / len(row)) for row in draws]  # equal token counts
+    return tuple(np.percentile(stats, [2.5, 97.5]))
+
+
+def test_gate_noise_widens_the_tolerance_to_the_changes_own_interval() -> None:
+    """Wilson intervals for accuracies and bootstrap intervals over documents for perplexity set each cell's
+    noise; a change within it is listed apart, never a regression; --tolerance stays the floor."""
+    spread = [1.0, 1.3, 0.8, 1.1, 1.2, 0.9, 1.05, 0.95]  # per-document mean NLLs
+    baseline = [rec("passkey", length=1024, depth=0.0, accuracy=0.8, correct=4, trials=5),
+                rec("passkey", length=1024, depth=1.0, accuracy=0.8, correct=4, trials=5),  # 8/10
+                rec("passkey", length=2048, depth=0.0, accuracy=1.0, correct=40, trials=40),
+                _ppl_with_docs(1024, spread), _ppl_with_docs(2048, spread)]
+    current = [rec("passkey", length=1024, depth=0.0, accuracy=0.6, correct=3, trials=5),  # 7/10: one trial flips
+               rec("passkey", length=1024, depth=1.0, accuracy=0.8, correct=4, trials=5),
+               rec("passkey", length=2048, depth=0.0, accuracy=0.25, correct=10, trials=40),  # a real drop
+               _ppl_with_docs(1024, [v + 0.03 for v in spread]),  # +3%: past 2%, inside the documents' spread
+               _ppl_with_docs(2048, [v + 0.5 for v in spread])]  # +65%
+    result = gate.compare(current, baseline, gate.parse_tolerance("2%"))
+    assert {(c.key.task, c.key.metric, c.key.length) for c in result.regressions} == {("passkey", "accuracy", 2048),
+                                                                                       ("ppl", "ppl", 2048)}
+    quiet = {(c.key.task, c.key.length): c for c in result.within_noise if c.key.metric in ("accuracy", "ppl")}
+    assert set(quiet) == {("passkey", 1024), ("ppl", 1024)}
+    # passkey 8/10 -> 7/10: the baseline's Wilson side below, the current's above, in quadrature
+    (low8, _), (_, high7) = wilson(8, 10), wilson(7, 10)
+    assert quiet[("passkey", 1024)].noise == pytest.approx(math.hypot(0.8 - low8, high7 - 0.7))
+    # ppl: the baseline's bootstrap side above its value, the current's below
+    base_value, cur_value = math.exp(sum(spread) / 8), math.exp(sum(spread) / 8 + 0.03)
+    (_, base_high), (cur_low, _) = _naive_bootstrap_ppl(spread), _naive_bootstrap_ppl([v + 0.03 for v in spread])
+    assert quiet[("ppl", 1024)].noise == pytest.approx(math.hypot(base_high - base_value, cur_value - cur_low))
+    assert "within noise" in result.verdict() and "noise" in result.to_markdown()
+    strict = gate.compare(current, baseline, gate.parse_tolerance("2%"), noise=False)
+    assert {(c.key.task, c.key.length) for c in strict.regressions} >= {("passkey", 1024), ("ppl", 1024)}
+    floor = gate.compare(current, baseline, gate.parse_tolerance("70%"))  # the tolerance is the floor
+    assert {(c.key.task, c.key.length) for c in floor.regressions} == {("passkey", 2048)}  # 75% worse
+    improved = gate.compare(baseline, current, gate.parse_tolerance("2%"))  # the same changes the other way
+    assert {(c.key.task, c.key.length) for c in improved.improvements} == {("passkey", 2048), ("ppl", 2048)}
+    assert {(c.key.task, c.key.length) for c in improved.within_noise} >= {("passkey", 1024), ("ppl", 1024)}
 
 
 @pytest.mark.parametrize("text", ["abc", "-2%", "2%%", "", "1e-2"])
@@ -482,6 +508,11 @@ def test_report_cli_gate_exit_status_and_tables(tmp_path) -> None:
     done = runner.invoke(app, ["report", str(cur), "--out", str(tmp_path / "rep"), "--baseline", str(base),
                                "--tolerance", "2%", "--summary-md", str(summary)])
     assert done.exit_code == 1, done.output
+    assert "FAILED: 2 of 7 cells regressed beyond 2% or the change's 95% noise" in done.output
+    assert "2 changed within noise" in done.output  # passkey 8/10 -> 7/10 and 2/5 -> 3/5: within Wilson noise
+    done = runner.invoke(app, ["report", str(cur), "--out", str(tmp_path / "rep"), "--baseline", str(base),
+                               "--tolerance", "2%", "--summary-md", str(summary), "--no-noise"])
+    assert done.exit_code == 1, done.output
     assert "FAILED: 3 of 7 cells regressed beyond 2%" in done.output
     assert "Regressions: 3" in done.output and "+0.6 (+3.0%)" in done.output and "ok → oom" in done.output
     assert "In the baseline, missing from the results: 1" in done.output
@@ -493,7 +524,7 @@ def test_report_cli_gate_exit_status_and_tables(tmp_path) -> None:
     assert 'class="gate fail"' in (tmp_path / "rep" / "index.html").read_text()
 
     done = runner.invoke(app, ["report", str(cur), "--out", str(tmp_path / "rep2"), "--baseline", str(base),
-                               "--tolerance", "5%", "--no-figures"])
+                               "--tolerance", "5%", "--no-figures", "--no-noise"])
     assert done.exit_code == 1 and "2 of 7" in done.output  # the OOM and the passkey drop remain
     fixed = [r for r in current if r["length"] != 8192 and r["task"] != "passkey"]
     done = runner.invoke(app, ["report", str(store(tmp_path / "fixed", fixed)), "--out", str(tmp_path / "rep3"),

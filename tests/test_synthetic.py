@@ -452,9 +452,11 @@ def test_effective_length_is_rulers_definition():
     lower = {(r["task"], r["rope"]): r for r in summaries.effective_length(records, threshold=75)}
     assert lower[(a, "none")]["effective_length"] == 8192 and lower[(b, "none")]["effective_length"] is None
     assert lower[("synthetic:mean", "none")]["effective_length"] == 4096  # 8k: one task out of memory
-    only_synthetic = summaries.build([*records, record("passkey", 1024, 1.0)])
-    assert {s.kind for s in only_synthetic} == {"effective_length"}
-    assert not any("passkey" in row[0] for s in only_synthetic for row in s.rows)
+    passkey = {**record("passkey", 1024, None), "metrics": {"accuracy": 1.0, "correct": 5, "trials": 5}}
+    built = summaries.build([*records, passkey, record("longbench:qasper", 1024, 30.0)])
+    assert {s.kind for s in built} == {"categories", "effective_length"}
+    tasks = {row[0] for s in built if s.kind == "effective_length" for row in s.rows}  # success rates only
+    assert tasks == {a, b, "synthetic:mean", "passkey"}
 
 
 def test_lctx_results_prints_effective_lengths_with_the_threshold_asked(tmp_path, monkeypatch):

@@ -38,12 +38,25 @@ class TaskError(ValueError):
 
 
 @dataclass(frozen=True)
+class Resample:
+    """How a metric is recomputed from a resample of its cell's per-record ``samples`` (bootstrap intervals):
+    ``scale · Σ value / Σ weight`` over the samples (their mean without ``weight``), exponentiated with ``exp``.
+    E.g. perplexity: ``Resample("nll_sum", "tokens", exp=True)`` (documents resampled, token-weighted)."""
+
+    value: str
+    weight: str | None = None
+    scale: float = 1.0
+    exp: bool = False
+
+
+@dataclass(frozen=True)
 class Metric:
     """A metric a task records: its direction (as lm-eval declares ``higher_is_better``) and how to show it.
 
     ``headline`` metrics get a table (and a figure) by default; ``percent`` ones are fractions shown ×100 with
     ``%``; ``counts`` names the (successes, trials) metrics from which pooled cells recompute the value and its
-    Wilson interval; ``interval`` the (low, high) metrics of a recorded 95% interval.
+    Wilson interval; ``interval`` the (low, high) metrics of a recorded 95% interval; ``resample`` how a
+    bootstrap over the records' samples recomputes it (its 95% interval when there are no counts).
     """
 
     name: str
@@ -53,6 +66,7 @@ class Metric:
     label: str = ""
     counts: tuple[str, str] | None = None
     interval: tuple[str, str] | None = None
+    resample: Resample | None = None
 
 
 ACCURACY = Metric("accuracy", True, headline=True, percent=True, label="accuracy", counts=("correct", "trials"),

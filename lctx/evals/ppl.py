@@ -28,7 +28,19 @@ import torch
 
 from lctx import data
 from lctx.engine import Engine, Session
-from lctx.evals import DATA, TEXT_FIELD, Cell, Metric, Outcome, Report, Task, TaskError, TaskType, forward_cost
+from lctx.evals import (
+    DATA,
+    TEXT_FIELD,
+    Cell,
+    Metric,
+    Outcome,
+    Report,
+    Resample,
+    Task,
+    TaskError,
+    TaskType,
+    forward_cost,
+)
 from lctx.patches import RopeSpec
 from lctx.spec import Param, Tokens
 
@@ -113,8 +125,10 @@ class Perplexity(Task):
               Param("stride", Tokens, None, "sliding-window mode: windows of L tokens moved by this many", ge=1),
               Param("last_k", int, 256, "also report the loss on the last k positions of the window", ge=1),
               DATA, TEXT_FIELD)
-    metrics = (Metric("ppl", False, headline=True, label="perplexity, whole window"),
-               Metric("last_k_ppl", False, headline=True, label="perplexity, last {last_k} tokens"),
+    metrics = (Metric("ppl", False, headline=True, label="perplexity, whole window",
+                      resample=Resample("nll_sum", "tokens", exp=True)),
+               Metric("last_k_ppl", False, headline=True, label="perplexity, last {last_k} tokens",
+                      resample=Resample("last_k_nll_sum", "last_k_tokens", exp=True)),
                Metric("nll", False, label="NLL (nats)"), Metric("last_k_nll", False, label="NLL (nats)"))
     figures = ("lines", "position_loss")
     memory_profile = "loss"

@@ -9,23 +9,25 @@ directory)::
     tables.md, tables.tex every table and summary (Markdown with sections per task; LaTeX booktabs floats)
     tables/<slug>.csv     one table per file: raw numbers, OOM/ERR for failed cells
     tables/<slug>.tex     one booktabs float per file, ready to \\input
-    figures/<stem>.png    every figure (300 dpi), also as .pdf and .svg
-    gate.md               with --baseline: regressions, improvements and unmatched cells
+    figures/<stem>.png    every figure (300 dpi), also as .pdf and .svg: the tasks' own, the perplexity ↔ task
+                          scatter (correlation-*), the trends over runs (trend-*)
+    gate.md               with --baseline: regressions, improvements, changes within noise and unmatched cells
 
 Entry points: :func:`load` (a results directory), :func:`console` (what ``lctx results`` prints),
-:func:`markdown` (``table.md``), :func:`write` (a report of records in hand) and :func:`report` (a directory).
+:func:`markdown` (``table.md``), :func:`write` (a report of records in hand) and :func:`report` (a directory,
+an archive or a URL, with a baseline and history from any of those: :mod:`lctx.pack`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lctx import evals, results
-from lctx.view import dashboard, figures, frame, gate, summaries, tables
+from lctx import evals, pack, results
+from lctx.view import analysis, dashboard, figures, frame, gate, history, summaries, tables
 from lctx.view.gate import GateResult, Tolerance, parse_tolerance
 
 __all__ = ["GateResult", "Report", "ReportError", "Tolerance", "console", "load", "markdown", "parse_tolerance",
@@ -85,18 +87,25 @@ def load(directory: str | Path, what: str = "results directory") -> tuple[list[d
     return records, store.skipped
 
 
+def every_summary(records: list[dict[str, Any]], threshold: float | None = None, relative: float | None = None,
+                  found: list[analysis.Correlation] | None = None) -> list[summaries.Summary]:
+    """Category averages, effective lengths (RULER's ``threshold``, NoLiMa's ``relative`` ratio) and the
+    perplexity ↔ task correlations: what every output shows under its tables."""
+    return summaries.build(records, threshold, relative) + analysis.correlation_summaries(records, found)
+
+
 def console(records: list[dict[str, Any]], *, metric: str | None = None, by_depth: bool = False,
-            threshold: float | None = None) -> list[Any]:
+            threshold: float | None = None, relative: float | None = None) -> list[Any]:
     """The rich tables ``lctx results`` prints: every table, then (for the headline metrics) the summaries."""
     out = [tables.to_rich(t) for t in tables.build(records, metric=metric, by_depth=by_depth)]
     if metric is None:
-        out += [s.to_rich() for s in summaries.build(records, threshold)]
+        out += [s.to_rich() for s in every_summary(records, threshold, relative)]
     return out
 
 
-def markdown(records: list[dict[str, Any]], threshold: float | None = None) -> str:
+def markdown(records: list[dict[str, Any]], threshold: float | None = None, relative: float | None = None) -> str:
     """Every table and summary as Markdown (``table.md``, the report's ``tables.md``)."""
-    return tables.to_markdown(tables.build(records), summaries.build(records, threshold))
+    return tables.to_markdown(tables.build(records), every_summary(records, threshold, relative))
 
 
 def analyses(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -114,14 +123,20 @@ def analyses(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 def write(records: list[dict[str, Any]], out: str | Path, *, title: str, description: str | None = None,
           source: str = "", baseline: list[dict[str, Any]] | None = None, baseline_source: str | None = None,
           tolerance: Tolerance | str = "2%", fail_on_missing: bool = False, summary_md: str | Path | None = None,
-          draw: bool = True, threshold: float | None = None) -> Report:
+          draw: bool = True, threshold: float | None = None, relative: float | None = None, noise: bool = True,
+          runs: list[dict[str, Any]] | None = None, manifests: dict[str, dict[str, Any]] | None = None,
+          analyses_from: str | Path | None = None) -> Report:
     """Write the tables, summaries, figures and dashboard of ``records`` under ``out`` (and the gate against
-    ``baseline``). ``draw=False`` skips the figures (seconds each on a CPU), for a gate-only CI job."""
+    ``baseline``). ``draw=False`` skips the figures (seconds each on a CPU), for a gate-only CI job. ``runs``:
+    every record of every run (with their ``manifests`` by run id), for the history section when there are
+    several. ``analyses_from``: a directory whose ``lctx analyze`` outputs to show (default ``source``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = frame.revive(records)
+    tolerance = parse_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
     table_list = tables.build(records)
-    summary_list = summaries.build(records, threshold)
+    found = analysis.correlations(records)
+    summary_list = every_summary(records, threshold, relative, found)
     written: list[Path] = []
     table_files: dict[str, dict[str, str]] = {}
     for table in table_list:
@@ -132,17 +147,24 @@ def write(records: list[dict[str, Any]], out: str | Path, *, title: str, descrip
     written.append(_write(out / "tables.md", tables.to_markdown(table_list, summary_list)))
     written.append(_write(out / "tables.tex", "% lctx report: every table (needs \\usepackage{booktabs})\n\n"
                           + "\n".join(tables.to_latex(t) for t in table_list)))
-    rendered = figures.render(records, out / "figures") if draw else []
-    figure_files = [path for _, paths in rendered for path in paths.values()]
     result = None
     if baseline is not None:
-        tolerance = parse_tolerance(tolerance) if isinstance(tolerance, str) else tolerance
-        result = gate.compare(records, frame.revive(baseline), tolerance)
+        result = gate.compare(records, frame.revive(baseline), tolerance, noise)
         written.append(_write(out / "gate.md", result.to_markdown(fail_on_missing)))
+    trend = history.trend(runs, manifests or {}, tolerance, noise) if runs else None
+    labels = frame.variant_labels([*records, *(runs or [])])
+    rendered = figures.render(records, out / "figures") if draw else []
+    correlation_plots = figures.render_plots(analysis.figures(records, found), out / "figures") if draw else []
+    flagged = {change.key for change in result.regressions} if result is not None else set()
+    trend_plots = (figures.render_plots(history.figures(trend, labels, flagged), out / "figures")
+                   if draw and trend is not None else [])
+    figure_files = [path for _, paths in [*rendered, *correlation_plots, *trend_plots] for path in paths.values()]
+    where = analyses_from if analyses_from is not None else source
     page = dashboard.Page(title=title, description=description, records=records, tables=table_list,
                           plots=rendered, styles=figures.variant_styles(frame.variant_labels(records)), out=out,
-                          source=source, summaries=summary_list, analyses=analyses(source) if source else [],
-                          gate=result, fail_on_missing=fail_on_missing, baseline=baseline_source)
+                          source=source, summaries=summary_list, analyses=analyses(where) if where else [],
+                          gate=result, fail_on_missing=fail_on_missing, baseline=baseline_source,
+                          correlation_plots=correlation_plots, trend=trend, trend_plots=trend_plots)
     index = _write(out / "index.html", dashboard.render(page, table_files))
     summary = _write(Path(summary_md), dashboard.summary_markdown(page)) if summary_md else None
     return Report(out=out, index=index, tables=table_list, files=[index, *written], figures=figure_files,
@@ -154,6 +176,19 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _bundle(source: str | Path, what: str) -> pack.Bundle:
+    """A source's records (every run's) and manifests; ReportError when it has no record."""
+    try:
+        bundle = pack.load(source, what)
+    except pack.PackError as err:
+        raise ReportError(str(err)) from None
+    if not bundle.records:
+        why = f" ({bundle.skipped.describe()})" if bundle.skipped else ""
+        hint = f": run lctx eval --out {source} first" if bundle.directory is not None else ""
+        raise ReportError(f"{what} {str(source)!r} has no records (records*.jsonl){why}{hint}")
+    return bundle
+
+
 def writable(directory: Path, what: str) -> None:
     """ReportError now (before any work, creating nothing) when ``directory`` could not be created or written."""
     problem = results.unwritable(directory)
@@ -162,20 +197,29 @@ def writable(directory: Path, what: str) -> None:
 
 
 def report(results_dir: str | Path, out: str | Path, *, baseline: str | Path | None = None,
-           tolerance: Tolerance | str = "2%", fail_on_missing: bool = False, summary_md: str | Path | None = None,
-           title: str | None = None, description: str | None = None, draw: bool = True,
-           threshold: float | None = None) -> Report:
-    """``lctx report``: read ``results_dir`` (and ``baseline``) and write the report under ``out``."""
+           history_sources: Sequence[str | Path] = (), tolerance: Tolerance | str = "2%", fail_on_missing: bool = False,
+           summary_md: str | Path | None = None, title: str | None = None, description: str | None = None,
+           draw: bool = True, threshold: float | None = None, relative: float | None = None,
+           noise: bool = True) -> Report:
+    """``lctx report``: read ``results_dir`` (and ``baseline``, and the ``history_sources``; each a directory, an
+    archive or a URL) and write the report under ``out``. The history section covers every run of
+    ``results_dir`` and of the history sources."""
     tolerance = parse_tolerance(tolerance) if isinstance(tolerance, str) else tolerance  # fail before any work
-    records, skipped = load(results_dir)
-    base, base_skipped = load(baseline, "baseline directory") if baseline is not None else (None, None)
+    current = _bundle(results_dir, "results directory")
+    base_bundle = _bundle(baseline, "baseline") if baseline is not None else None
+    past = [_bundle(source, "history source") for source in history_sources]
     writable(Path(out), "--out")  # checked before anything is written: a gate verdict is never lost to a bad path
     if summary_md is not None:
         writable(Path(summary_md).parent, "--summary-md")
-    name = title or Path(results_dir).resolve().name
-    written = write(records, out, title=name, description=description, source=str(results_dir), baseline=base,
+    runs, manifests = pack.merge([current, *past])
+    if title is None:
+        title = current.directory.resolve().name if current.directory is not None else pack.name(results_dir)
+    written = write(newest(current.records), out, title=title, description=description, source=str(results_dir),
+                    baseline=None if base_bundle is None else newest(base_bundle.records),
                     baseline_source=None if baseline is None else str(baseline), tolerance=tolerance,
-                    fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold)
-    written.skipped = {str(where): lines for where, lines in ((results_dir, skipped), (baseline, base_skipped))
-                       if lines}
+                    fail_on_missing=fail_on_missing, summary_md=summary_md, draw=draw, threshold=threshold,
+                    relative=relative, noise=noise, runs=runs, manifests=manifests,
+                    analyses_from=current.directory or "")
+    written.skipped = {str(where): bundle.skipped for where, bundle in ((results_dir, current), (baseline, base_bundle))
+                       if bundle is not None and bundle.skipped}
     return written

@@ -8,21 +8,21 @@ files, tables and CSV/LaTeX files are relative, so the report directory can be m
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lctx.spec import format_length
+from lctx.view import sections as extra
 from lctx.view.figures import Plot, Style
-from lctx.view.gate import GateResult
+from lctx.view.gate import GateResult, markdown_table
+from lctx.view.history import Trend
+from lctx.view.markup import anchor, e, figure_html, plain_table, svg_image
 from lctx.view.summaries import Summary
 from lctx.view.tables import Table, interval_text, sections, table_markdown
 
-FIGURE_PX_PER_INCH = 125  # CSS pixels per inch of figure: 6.9 in (two columns of a paper) shows 860 px wide
 SUMMARY_ROWS = 25  # rows per gate list in the Markdown summary (gate.md has them all)
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 CSS = """
@@ -58,7 +58,8 @@ figure { margin: 18px 0 28px; } figure img { display: block; max-width: 100%; he
 .gate .verdict { font-weight: 600; font-size: 15px; }
 details { margin: 10px 0; } summary { cursor: pointer; }
 footer { margin-top: 40px; padding: 16px 24px 32px; border-top: 1px solid var(--line); }
-"""
+h4 { font-size: 13px; margin: 16px 0 4px; font-weight: 600; }
+""" + extra.CSS
 
 
 @dataclass
@@ -78,18 +79,12 @@ class Page:
     gate: GateResult | None = None
     fail_on_missing: bool = False
     baseline: str | None = None
+    correlation_plots: list[tuple[Plot, dict[str, Path]]] = field(default_factory=list)  # PPL against task scores
+    trend: Trend | None = None  # the history of runs, when there are several
+    trend_plots: list[tuple[Plot, dict[str, Path]]] = field(default_factory=list)
 
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _relative(path: Path, out: Path) -> str:
-    return path.resolve().relative_to(out.resolve()).as_posix()
-
-
-def _anchor(text: str) -> str:
-    return "s-" + "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+    def summaries_of(self, kind: str) -> list[Summary]:
+        return [s for s in self.summaries if s.kind == kind]
 
 
 def stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,13 +102,13 @@ def stats(records: list[dict[str, Any]]) -> dict[str, Any]:
 def _table_html(table: Table, styles: dict[str, Style], files: dict[str, str]) -> str:
     past = [table.past(n) for n, _ in table.columns]
     best = [table.best(j) for j in range(len(table.columns))]
-    head = "".join(f'<th class="{"past" if p else ""}" title="{n} tokens">{_e(table.header(j))}</th>'
+    head = "".join(f'<th class="{"past" if p else ""}" title="{n} tokens">{e(table.header(j))}</th>'
                    for j, ((n, _), p) in enumerate(zip(table.columns, past, strict=True)))
     rows = []
     for i, (label, rope) in enumerate(zip(table.variants, table.ropes, strict=True)):
         color = styles[label].color if label in styles else "#888"
-        tds = [f'<td class="variant" title="{_e(rope)}"><span class="swatch" style="background:{color}"></span>'
-               f"{_e(label)}</td>"]
+        tds = [f'<td class="variant" title="{e(rope)}"><span class="swatch" style="background:{color}"></span>'
+               f"{e(label)}</td>"]
         for j, value in enumerate(table.cells[i]):
             classes = ["past"] if past[j] else []
             if value is None:
@@ -122,38 +117,30 @@ def _table_html(table: Table, styles: dict[str, Style], files: dict[str, str]) -
                 classes.append(value.status)
             if i in best[j]:
                 classes.append("best")
-            text = _e(table.text(i, j))
+            text = e(table.text(i, j))
             ci = interval_text(value, table.metric)
             if ci:
-                text += f'<span class="ci">{_e(ci)}</span>'
+                text += f'<span class="ci">{e(ci)}</span>'
             tds.append(f'<td class="{" ".join(classes)}">{text}</td>')
         rows.append("<tr>" + "".join(tds) + "</tr>")
-    links = " · ".join(f'<a href="{_e(href)}">{_e(kind)}</a>' for kind, href in files.items())
-    return (f'<h3 id="t-{_e(table.slug)}">{_e(table.title)}</h3>\n<div class="scroll"><table class="results">'
+    links = " · ".join(f'<a href="{e(href)}">{e(kind)}</a>' for kind, href in files.items())
+    return (f'<h3 id="t-{e(table.slug)}">{e(table.title)}</h3>\n<div class="scroll"><table class="results">'
             f'<thead><tr><th class="variant">variant</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
             f'</table></div>\n<div class="files">{links}</div>')
-
-
-def _figure_html(plot: Plot, files: dict[str, Path], out: Path) -> str:
-    svg = files["svg"].read_bytes()
-    data = base64.b64encode(svg).decode("ascii")
-    links = " · ".join(f'<a href="{_e(_relative(path, out))}">{fmt.upper()}</a>' for fmt, path in files.items())
-    width = round(plot.figure.get_figwidth() * FIGURE_PX_PER_INCH)  # SVG scales without loss: show it large
-    return (f'<figure id="f-{_e(plot.stem)}"><img src="data:image/svg+xml;base64,{data}" alt="{_e(plot.title)}" '
-            f'style="width:{width}px">'
-            f"<figcaption>{_e(plot.caption)} <span class=\"files\">{links}</span></figcaption></figure>")
 
 
 def _gate_html(gate: GateResult, fail_on_missing: bool, baseline: str | None) -> str:
     passed = gate.passed(fail_on_missing)
     parts = [f'<section class="gate {"pass" if passed else "fail"}" id="gate"><div class="verdict">'
              f'Regression gate {"passed" if passed else "failed"}</div>'
-             f'<div class="muted">{_e(gate.verdict(fail_on_missing))}'
-             + (f" · baseline: {_e(baseline)}" if baseline else "") + "</div>"]
+             f'<div class="muted">{e(gate.verdict(fail_on_missing))}'
+             + (f" · baseline: {e(baseline)}" if baseline else "") + "</div>"]
     header = ["task", "metric", "model", "variant", "length", "baseline", "current", "change"]
     miss_header = ["task", "metric", "model", "variant", "length", "settings"]
     lists = [("Regressions", header, gate.rows(gate.regressions), True),
              ("Improvements", header, gate.rows(gate.improvements), False),
+             ("Within noise (past the tolerance, inside the cells' 95% noise)", header, gate.rows(gate.within_noise),
+              False),
              ("In the baseline, missing from the results", miss_header, gate.missing_rows(gate.missing_in_current),
               fail_on_missing),
              ("New in the results (not in the baseline)", miss_header, gate.missing_rows(gate.missing_in_baseline),
@@ -161,16 +148,8 @@ def _gate_html(gate: GateResult, fail_on_missing: bool, baseline: str | None) ->
     for title, head, rows, open_ in lists:  # long lists fold away; the ones that fail the gate start open
         if rows:
             parts.append(f'<details{" open" if open_ else ""}><summary><b>{title}</b> ({len(rows)})</summary>'
-                         + _plain_table(head, rows, 3) + "</details>")
+                         + plain_table(head, rows, 3) + "</details>")
     return "\n".join(parts) + "</section>"
-
-
-def _plain_table(header: list[str], rows: list[list[str]], variant_column: int) -> str:
-    head = "".join(f'<th class="{"variant" if k <= variant_column else ""}">{_e(h)}</th>'
-                   for k, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"variant" if k <= variant_column else ""}">{_e(c)}</td>'
-                                    for k, c in enumerate(row)) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _analysis_html(directory: Path, analysis: dict[str, Any]) -> str:
@@ -180,15 +159,14 @@ def _analysis_html(directory: Path, analysis: dict[str, Any]) -> str:
     rows = [[format_length(b["length"]), f"{b['base_lower_bound']:.3g}", f"{b['base_lower_bound_stable']:.3g}",
              "–" if theta is None else ("yes" if theta >= b["base_lower_bound"] else "no")]
             for b in analysis.get("bounds", [])]
-    parts = [f"<h3>{_e(source.get('name', directory.name))}: base {_e(theta)}, rotary dimension "
-             f"{_e(rope.get('rotary_dim'))}, training length {_e(rope.get('train_len'))}</h3>",
-             _plain_table(["length", "base lower bound", "stable from", "model's base meets it"], rows, 0)]
+    parts = [f"<h3>{e(source.get('name', directory.name))}: base {e(theta)}, rotary dimension "
+             f"{e(rope.get('rotary_dim'))}, training length {e(rope.get('train_len'))}</h3>",
+             plain_table(["length", "base lower bound", "stable from", "model's base meets it"], rows, 0)]
     for figure in analysis.get("figures", []):
         svg = directory / figure.get("files", {}).get("svg", "")
         if svg.is_file():
-            data = base64.b64encode(svg.read_bytes()).decode("ascii")
-            parts.append(f'<figure><img src="data:image/svg+xml;base64,{data}" alt="{_e(figure.get("title"))}" '
-                         f'style="width:860px"><figcaption>{_e(figure.get("caption"))}</figcaption></figure>')
+            parts.append(f'<figure>{svg_image(svg.read_bytes(), str(figure.get("title")), 860)}'
+                         f'<figcaption>{e(figure.get("caption"))}</figcaption></figure>')
     return "\n".join(parts)
 
 
@@ -198,35 +176,55 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
     by_section = sections(page.tables)
     for plot, _ in page.plots:
         by_section.setdefault(plot.section, [])
-    nav = "".join(f'<a href="#{_anchor(name)}">{_e(name)}</a>' for name in by_section)
+    nav = "".join(f'<a href="#{anchor(name)}">{e(name)}</a>' for name in by_section)
+    if page.trend is not None:
+        nav = '<a href="#history">history</a>' + nav
     if page.gate is not None:
         nav = '<a href="#gate">gate</a>' + nav
-    if page.summaries:
-        nav += '<a href="#summaries">summaries</a>'
-    if page.analyses:
-        nav += '<a href="#analysis">analysis</a>'
+    categories, effective = page.summaries_of("categories"), page.summaries_of("effective_length")
+    correlation = page.summaries_of("correlation")
+    for present, target, name in ((categories, "summaries", "summaries"),
+                                  (effective, "effective-length", "effective length"),
+                                  (correlation, "correlation", "perplexity ↔ tasks"),
+                                  (page.analyses, "analysis", "analysis")):
+        if present:
+            nav += f'<a href="#{target}">{e(name)}</a>'
     body = []
     if page.gate is not None:
         body.append(_gate_html(page.gate, page.fail_on_missing, page.baseline))
+    if page.trend is not None:
+        body.append('<section id="history"><h2>history</h2>')
+        body.append(extra.history_html(page.trend, page.trend_plots, page.out, page.gate))
+        body.append("</section>")
     for name, members in by_section.items():
-        body.append(f'<section id="{_anchor(name)}"><h2>{_e(name)}</h2>')
+        body.append(f'<section id="{anchor(name)}"><h2>{e(name)}</h2>')
         figures = [(plot, files) for plot, files in page.plots if plot.section == name]
         for model in dict.fromkeys([t.group.model for t in members] + [plot.model for plot, _ in figures]):
             body += [_table_html(t, page.styles, table_files.get(t.slug, {})) for t in members
                      if t.group.model == model]
-            body += [_figure_html(plot, files, page.out) for plot, files in figures if plot.model == model]
+            body += [figure_html(plot, files, page.out) for plot, files in figures if plot.model == model]
         body.append("</section>")
-    if page.summaries:
+    if categories:
         body.append('<section id="summaries"><h2>summaries</h2>')
-        body += [f"<h3>{_e(summary.title)}</h3>" + _plain_table(summary.columns, summary.rows, 1)
-                 for summary in page.summaries]
+        body += [f"<h3>{e(summary.title)}</h3>" + plain_table(summary.columns, summary.rows, 1)
+                 for summary in categories]
+        body.append("</section>")
+    if effective:
+        body.append(f'<section id="effective-length"><h2>effective length</h2><p class="note">{extra.EFFECTIVE_NOTE}'
+                    "</p>")
+        body += [extra.effective_html(summary) for summary in effective]
+        body.append("</section>")
+    if correlation:
+        body.append('<section id="correlation"><h2>perplexity ↔ tasks</h2>'
+                    f'<p class="note">{extra.CORRELATION_NOTE}</p>')
+        body.append(extra.correlation_html(correlation, page.correlation_plots, page.out))
         body.append("</section>")
     if page.analyses:
         body.append('<section id="analysis"><h2>analysis</h2>')
         body += [_analysis_html(directory, analysis) for directory, analysis in page.analyses]
         body.append("</section>")
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    description = f'<p class="description">{_e(page.description.strip())}</p>' if page.description else ""
+    description = f'<p class="description">{e(page.description.strip())}</p>' if page.description else ""
     errors = f'<span>errors <b>{s["error"]}</b></span>' if s["error"] else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -235,27 +233,27 @@ def render(page: Page, table_files: dict[str, dict[str, str]]) -> str:
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="generator" content="lctx report">
-<title>{_e(page.title)} · lctx report</title>
+<title>{e(page.title)} · lctx report</title>
 <style>{CSS}</style>
 </head>
 <body>
 <header>
-<h1>{_e(page.title)}</h1>
+<h1>{e(page.title)}</h1>
 {description}
 <div class="stats"><span>records <b>{s["records"]}</b></span><span>ok <b>{s["ok"]}</b></span>
 <span>out of memory <b>{s["oom"]}</b></span>{errors}<span>variants <b>{s["variants"]}</b></span>
-<span>models: {_e(", ".join(map(str, s["models"])))}</span>
-<span>tasks: {_e(", ".join(map(str, s["tasks"])))}</span></div>
+<span>models: {e(", ".join(map(str, s["models"])))}</span>
+<span>tasks: {e(", ".join(map(str, s["tasks"])))}</span></div>
 <nav>{nav}<a href="tables.md">tables.md</a><a href="tables.tex">tables.tex</a></nav>
 </header>
 <main>
 <p class="note">Tables: variants × context length; * marks lengths past the model's training length (shaded
 columns); the best value of each column is bold (↓ lower is better, ↑ higher is better); OOM: out of memory;
-ERR: error (see the records); –: not run. Accuracy cells show a Wilson 95% interval. Each variant keeps its
-colour in every table and figure.</p>
+ERR: error (see the records); –: not run. Percent cells show a 95% interval: Wilson from the trial counts,
+else a bootstrap over the records' samples. Each variant keeps its colour in every table and figure.</p>
 {chr(10).join(body)}
 </main>
-<footer class="muted">Generated by lctx report from {_e(page.source)} · {generated}</footer>
+<footer class="muted">Generated by lctx report from {e(page.source)} · {generated}</footer>
 </body>
 </html>
 """
@@ -269,6 +267,15 @@ def summary_markdown(page: Page) -> str:
              f"{s['variants']} variants · models: {', '.join(map(str, s['models']))}"]
     if page.gate is not None:
         parts.append(page.gate.to_markdown(page.fail_on_missing, limit=SUMMARY_ROWS).strip())
+    if page.trend is not None:
+        found = page.trend.regressions
+        text = (f"## History\n\n{len(page.trend.runs)} runs ({page.trend.runs[0].when} to "
+                f"{page.trend.runs[-1].when}); {len(found)} regressions between a cell's consecutive runs.")
+        if found:
+            rows = [[run.label, *GateResult.rows([change])[0]] for run, change in found[-SUMMARY_ROWS:]]
+            text += "\n\n" + markdown_table(["run", "task", "metric", "model", "variant", "length", "before",
+                                                "after", "change"], rows)
+        parts.append(text)
     seen: set[int] = set()
     for table in page.tables:
         if id(table.group) in seen:  # the headline metric only: the first table of each group

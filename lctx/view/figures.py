@@ -169,14 +169,16 @@ def _plain(value: float, _pos: Any = None) -> str:
     return f"{value:g}"
 
 
-def _log_y(ax, values: list[float]) -> None:
+def log_axis(ax, values: list[float], which: str = "y") -> None:
+    """A log scale over ``values`` (positive) with ticks that read as plain numbers."""
     lo, hi = min(values), max(values)
-    ax.set_yscale("log")
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     pad = (hi / lo) ** 0.06 if hi > lo else 1.1
-    ax.set_ylim(lo / pad, hi * pad)
-    ax.yaxis.set_major_locator(ticker.FixedLocator(_nice_log_ticks(lo / pad, hi * pad)))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(_plain))
-    ax.yaxis.set_minor_locator(ticker.NullLocator())
+    (ax.set_ylim if which == "y" else ax.set_xlim)(lo / pad, hi * pad)
+    axis.set_major_locator(ticker.FixedLocator(_nice_log_ticks(lo / pad, hi * pad)))
+    axis.set_major_formatter(ticker.FuncFormatter(_plain))
+    axis.set_minor_locator(ticker.NullLocator())
 
 
 def _tokens(value: float, _pos: Any = None) -> str:
@@ -189,14 +191,14 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
     return rows, math.ceil(n / rows)
 
 
-def _legend(fig: Figure, handles: list) -> None:
+def legend(fig: Figure, handles: list) -> None:
     """One legend below the panels: three columns on a two-column-wide figure, two on a narrow one."""
     if handles:
         ncols = min(len(handles), 3 if fig.get_figwidth() > COLUMN_WIDTH else 2)
         fig.legend(handles=handles, loc="outside lower center", ncols=ncols, handlelength=2.2, columnspacing=1.2)
 
 
-def _variant_handles(labels: list[str], styles: dict[str, Style]) -> list[Line2D]:
+def variant_handles(labels: list[str], styles: dict[str, Style]) -> list[Line2D]:
     return [Line2D([], [], color=styles[x].color, marker=styles[x].marker, linestyle=styles[x].linestyle,
                    label=x) for x in labels]
 
@@ -241,7 +243,7 @@ def metric_by_length(group: Group, metrics: list[Metric], labels: dict[str, str]
     lengths = group.lengths
     fig = Figure(figsize=(COLUMN_WIDTH if len(metrics) == 1 else PAGE_WIDTH, 2.6), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    handles = _variant_handles([labels[r] for r in group.ropes], styles)
+    handles = variant_handles([labels[r] for r in group.ropes], styles)
     marks: set[str] = set()
     drawn = False
     for ax, metric, title in zip(axes, metrics, titles or [m.name for m in metrics], strict=True):
@@ -267,7 +269,7 @@ def metric_by_length(group: Group, metrics: list[Metric], labels: dict[str, str]
                     marks.add("inf")
         drawn = drawn or bool(finite_values)
         if log and finite_values and min(finite_values) > 0:
-            _log_y(ax, finite_values)
+            log_axis(ax, finite_values)
         elif metric.percent:
             ax.set_ylim(-0.04, 1.04)
             ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
@@ -281,7 +283,7 @@ def metric_by_length(group: Group, metrics: list[Metric], labels: dict[str, str]
                               label="out of memory"))
     if "inf" in marks:
         handles.append(Line2D([], [], marker="^", color="0.2", linestyle="none", label="infinite"))
-    _legend(fig, handles)
+    legend(fig, handles)
     return fig
 
 
@@ -388,7 +390,7 @@ def position_loss(group: Group, labels: dict[str, str], styles: dict[str, Style]
         ax.set_xlabel("position (tokens)")
         if idx % cols == 0:
             ax.set_ylabel("mean NLL (nats)")
-    _legend(fig, _variant_handles([labels[r] for r in group.ropes], styles))
+    legend(fig, variant_handles([labels[r] for r in group.ropes], styles))
     return fig
 
 
@@ -437,7 +439,7 @@ def by_category(groups: list[Group], labels: dict[str, str], styles: dict[str, S
         past = "*, past the training length" if train and n > train else ""
         ax.set_title(f"context length {format_length(n)}{past}")
         ax.set_ylabel("score")
-    _legend(fig, [Patch(facecolor=styles[labels[r]].color, hatch="///" if styles[labels[r]].linestyle == "--"
+    legend(fig, [Patch(facecolor=styles[labels[r]].color, hatch="///" if styles[labels[r]].linestyle == "--"
                         else None, label=labels[r]) for r in ropes])
     return fig
 
@@ -472,7 +474,7 @@ def tasks_by_length(groups: list[Group], labels: dict[str, str], styles: dict[st
             ax.set_ylabel(metric.name)
     if not drawn:
         return None
-    _legend(fig, _variant_handles([labels[r] for r in dict.fromkeys(ropes)], styles))
+    legend(fig, variant_handles([labels[r] for r in dict.fromkeys(ropes)], styles))
     return fig
 
 
@@ -551,10 +553,16 @@ def save(plot: Plot, directory: Path, formats: Iterable[str] = FORMATS) -> dict[
 
 def render(records: list[dict[str, Any]], directory: Path) -> list[tuple[Plot, dict[str, Path]]]:
     """Draw and save every figure; returns each with its files (figures are released after saving)."""
+    return render_plots(figures(records), directory)
+
+
+def render_plots(plots: Iterable[Plot], directory: Path) -> list[tuple[Plot, dict[str, Path]]]:
+    """Draw (under the paper style: a generator draws as it is iterated) and save ``plots`` one at a time, with
+    unique stems."""
     out = []
     stems: dict[str, int] = {}
     with matplotlib.rc_context(STYLE):
-        for plot in figures(records):
+        for plot in plots:
             stems[plot.stem] = stems.get(plot.stem, 0) + 1
             if stems[plot.stem] > 1:  # same task and model under different settings
                 plot.stem = f"{plot.stem}-{stems[plot.stem]}"

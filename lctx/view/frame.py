@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from lctx import evals, patches
 from lctx.evals import Metric
-from lctx.stats import wilson
+from lctx.stats import bootstrap_ratio, wilson
 
 # a table (and a figure) covers records sharing these fields
 GROUP_FIELDS = ("task", "task_spec", "model", "model_fingerprint", "train_len", "dtype", "attn")
@@ -131,6 +131,26 @@ def pool(part: pd.DataFrame, metric: Metric) -> Value:
     return Value(value, "ok")
 
 
+def resampled_interval(records: Iterable[dict[str, Any]], metric: Metric) -> tuple[float, float] | None:
+    """The 95% bootstrap interval of ``metric`` over the per-sample values of ``records`` (every depth of a cell
+    pooled), as the metric declares its recomputation (:class:`lctx.evals.Resample`); None when the metric
+    declares none or a sample lacks the values (records of other versions, hand-written records)."""
+    how = metric.resample
+    if how is None:
+        return None
+    values: list[float] = []
+    weights: list[float] = []
+    for record in records:
+        for sample in record.get("samples") or []:
+            value = sample.get(how.value) if isinstance(sample, dict) else None
+            weight = sample.get(how.weight) if isinstance(sample, dict) and how.weight else 1
+            if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (value, weight)):
+                return None
+            values.append(float(value))
+            weights.append(float(weight))
+    return bootstrap_ratio(values, weights, scale=how.scale, exp=how.exp)
+
+
 @dataclass
 class Group:
     """Records of one task spec for one model under one configuration: what a table or a figure panel covers."""
@@ -143,7 +163,8 @@ class Group:
     attn: str
     config: dict[str, Any]
     frame: pd.DataFrame  # frame() rows
-    records: list[dict[str, Any]]  # the same records, for list-valued metrics (per-position losses)
+    records: list[dict[str, Any]]  # the same records, for list-valued metrics (per-position losses) and samples
+    cache: dict[tuple, Value | None] = field(default_factory=dict, repr=False)  # value() by its arguments
 
     @property
     def settings(self) -> str:
@@ -199,11 +220,21 @@ class Group:
         return bool(self.frame["depth"].notna().any())
 
     def value(self, rope: str, length: int, metric: Metric, depth: float | None = None) -> Value | None:
-        """The cell's value, pooled over depths unless one is given; None when no record covers it."""
-        rows = self.frame[(self.frame["rope"] == rope) & (self.frame["length"] == length)]
-        if depth is not None:
-            rows = rows[rows["depth"] == depth]
-        return pool(rows, metric) if len(rows) else None
+        """The cell's value, pooled over depths unless one is given; None when no record covers it. A value
+        without a Wilson or recorded interval gets the bootstrap one over its samples when the metric declares
+        how (:func:`resampled_interval`)."""
+        key = (rope, length, metric, depth)
+        if key not in self.cache:
+            rows = self.frame[(self.frame["rope"] == rope) & (self.frame["length"] == length)]
+            if depth is not None:
+                rows = rows[rows["depth"] == depth]
+            value = pool(rows, metric) if len(rows) else None
+            if value is not None and value.finite and value.low is None:
+                interval = resampled_interval([self.records[i] for i in rows.index], metric)
+                if interval is not None:
+                    value = Value(value.value, value.status, *interval)
+            self.cache[key] = value
+        return self.cache[key]
 
 
 def _none(value: Any) -> Any:

@@ -51,6 +51,7 @@ from lctx.evals import (
     CHAT_TEMPLATE,
     Cell,
     Metric,
+    Resample,
     TaskError,
     TaskFamily,
     TaskType,
@@ -201,7 +202,7 @@ class LongBenchTask(LongBenchBase):
               CHAT_TEMPLATE, max_new_tokens_param(128), BUDGET,
               Param("edit_sim", str, "difflib", "code tasks' edit similarity: fuzzywuzzy's difflib backend or "
                     "python-Levenshtein", choices=lm.EDIT_SIM_BACKENDS))
-    metrics = (Metric("score", True, headline=True, label="score (×100)"),)
+    metrics = (Metric("score", True, headline=True, label="score (×100)", resample=Resample("score", scale=100)),)
     figures = ("lines",)
     hub = HF_V1
     member_params = ("max_new_tokens", "edit_sim")  # differ between members: not a split of category averages

@@ -30,6 +30,7 @@ from lctx.evals import (
     TEXT_FIELD,
     Cell,
     Metric,
+    Resample,
     TaskError,
     samples_param,
 )
@@ -42,7 +43,8 @@ from lctx.stats import accuracy_metrics
 DEPTHS = [round(100 * i / 39) / 100 for i in range(40)]  # RULER: 40 evenly spaced depths in [0, 1]
 SENTENCE_ENDS = (".", "!", "?", "\n")
 SPAN = 131_072  # corpus haystack windows come from the stream's first SPAN tokens (the default corpus: all of it)
-SCORE = Metric("score", True, headline=True, percent=True, label="score (RULER string_match_all)")
+SCORE = Metric("score", True, headline=True, percent=True, label="score (RULER string_match_all)",
+               resample=Resample("score"))
 ESSAY_CHARS = 20_000_000  # the corpus text read for RULER's essay haystack (its words are taken from the start)
 
 
