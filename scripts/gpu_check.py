@@ -53,7 +53,6 @@ import functools  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
@@ -98,6 +97,7 @@ def _load(path: Path) -> ModuleType:
 
 
 tiny = _load(ROOT / "tests" / "tiny.py")
+references = _load(ROOT / "tests" / "references.py")
 
 TRAIN_LEN = tiny.TRAIN_LEN  # 64: the tiny models' training length
 LONG = 4 * TRAIN_LEN + 7  # the frequency checks' length, well past the training length (as tests/test_patches.py)
@@ -269,66 +269,6 @@ def chunk_size(rows: int) -> Iterator[None]:
         rerope.CHUNK_SIZE = saved
 
 
-def frequency_references(rotary_dim: int) -> list[tuple[str, dict]]:
-    """(lctx spec, transformers rope_parameters giving the same model); ntk and base are a changed rope_theta."""
-    d = rotary_dim
-    original = {"original_max_position_embeddings": TRAIN_LEN}
-    return [
-        ("pi:factor=4", {"rope_type": "linear", "factor": 4.0}),
-        ("dynamic-ntk:factor=4", {"rope_type": "dynamic", "factor": 4.0}),
-        ("yarn:factor=4", {"rope_type": "yarn", "factor": 4.0, **original}),
-        ("yarn:factor=8:beta_fast=16:beta_slow=2", {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0,
-                                                    "beta_slow": 2.0, **original}),
-        ("ntk-by-parts:factor=4", {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.0, **original}),
-        ("llama3:factor=8", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, **original}),
-        ("ntk:alpha=4", {"rope_theta": tiny.THETA * 4 ** (d / (d - 2))}),
-        ("base:theta=500000", {"rope_theta": 500000.0}),
-    ]
-
-
-def effective_position(name: str, p: dict, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """The relative position each variant gives query position i and key position j (the papers' formulas)."""
-    r, w = i - j, p["window"]
-    if name == "rerope":
-        far = torch.full_like(r, w, dtype=torch.float64)
-    elif name == "leaky-rerope":
-        far = w + (r - w) / p["k"]
-    else:
-        g = p["group"]
-        far = (torch.div(i, g, rounding_mode="floor") + w - w // g) - torch.div(j, g, rounding_mode="floor")
-    return torch.where(r < w, r.double(), far.double())
-
-
-def formula_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, *, name: str,
-                      params: dict, inv_freq: torch.Tensor, softcap: float | None = None,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Eager attention on unrotated q, k: score(i, j) = (R(P[i, j]) q_i) · k_j, as R(i)q · R(j)k = R(i−j)q · k.
-
-    Every (query, key) pair gets its own rotation, materialised: no chunks, no merges, nothing shared with lctx.
-    """
-    pos = kwargs["position_ids"].expand(query.shape[0], -1)
-    if params.get("logn"):
-        n = pos.double() + 1
-        query = query * torch.clamp(torch.log(n) / math.log(TRAIN_LEN), min=1)[:, None, :, None].float()
-    rel = effective_position(name, params, pos[:, :, None], pos[:, None, :])  # (B, T, T)
-    angle = rel[..., None] * inv_freq.to(query.device).double()
-    cos = torch.cat((angle.cos(), angle.cos()), -1).float()[:, None]  # (B, 1, T, T, rotary_dim)
-    sin = torch.cat((angle.sin(), angle.sin()), -1).float()[:, None]
-    d = cos.shape[-1]
-    q = query[:, :, :, None, :d]  # (B, H, T, 1, d)
-    q_rot = q * cos + torch.cat((-q[..., d // 2:], q[..., : d // 2]), -1) * sin
-    rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    scores = (q_rot * key[:, :, None, :, :d]).sum(-1) + query[..., d:] @ key[..., d:].transpose(-1, -2)
-    scores = scores * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores + attention_mask
-    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
-
-
 class Parity:
     """The parity checks; each one is run alone, so that a failure or an exception fails that check only."""
 
@@ -360,7 +300,7 @@ class Parity:
                          torch.float32)
 
     def formula_reference(self, setup: str, spec: str) -> nn.Module:
-        """Same weights, float32, rotary made the identity and attention replaced by :func:`formula_attention`.
+        """Same weights, float32, rotary made the identity and attention replaced by ``references.formula_attention``.
 
         Zeroed frequencies leave cos = attention_scaling, sin = 0: q and k arrive scaled as in the model.
         """
@@ -372,8 +312,9 @@ class Parity:
         rotary.inv_freq.zero_()
         self._references += 1
         name = f"gpu_check_formula_{self._references}"
-        AttentionInterface.register(name, functools.partial(formula_attention, name=resolved.name,
-                                                            params=resolved.kwargs, inv_freq=inv_freq))
+        AttentionInterface.register(name, functools.partial(references.formula_attention, name=resolved.name,
+                                                            params=resolved.kwargs, inv_freq=inv_freq,
+                                                            train_len=TRAIN_LEN))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask)
         reference.config._attn_implementation = name
         return on_device(reference, self.device, torch.float32)
@@ -547,7 +488,8 @@ def parity_groups(p: Parity) -> list[tuple[str, Callable[[], None]]]:
 
     def frequency() -> None:
         for setup in s.frequency:
-            for spec, rope in frequency_references(rope_info(p.model(setup, torch.float32)).rotary_dim):
+            for spec, rope in references.frequency_references(rope_info(p.model(setup, torch.float32)).rotary_dim,
+                                                                tiny.THETA, TRAIN_LEN):
                 for dtype in dtypes:
                     p.check("frequency", f"{setup} {spec}", dtype, frequency_check, p, setup, spec, rope, dtype)
 

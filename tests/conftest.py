@@ -8,6 +8,15 @@ import torch
 TINY_TRAIN_LEN = 256
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: extra torch threads only synchronise, so matrices run single-threaded (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train_tokenizer():
     """A byte-level BPE (vocab 512) trained in memory on the Python reference manual; adds a BOS."""
     from pydoc_data.topics import topics

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lctx import archs, matrix
@@ -28,13 +27,7 @@ POPULAR = (
 ALLOWED = {"pass", "refused", "untested", "no-rope"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: extra threads only synchronise (the matrix itself runs single-threaded too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params() -> list:

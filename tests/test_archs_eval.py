@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lctx import matrix
@@ -44,17 +43,12 @@ def save_tiny(model_type: str, tokenizer, path) -> None:
 
 
 @pytest.mark.parametrize("model_type", NAMED)
-def test_eval_runs_yarn_and_rerope(model_type: str, tiny_tokenizer, tmp_path, docs) -> None:
+def test_eval_runs_yarn_and_rerope(model_type: str, tiny_tokenizer, tmp_path, docs, one_thread) -> None:
     save_tiny(model_type, tiny_tokenizer, tmp_path / "model")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "model"), "--rope", "yarn:factor=4,rerope",
-                                          "--task", "ppl", "--lengths", "96,160", "--samples", "2", "--data", str(docs),
-                                          "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32",
-                                          "--attn", EAGER_ONLY.get(model_type, "sdpa")])
-    finally:
-        torch.set_num_threads(threads)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "model"), "--rope", "yarn:factor=4,rerope",
+                                      "--task", "ppl", "--lengths", "96,160", "--samples", "2", "--data", str(docs),
+                                      "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32",
+                                      "--attn", EAGER_ONLY.get(model_type, "sdpa")])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for path in sorted((tmp_path / "out").glob("records*.jsonl"))
             for line in path.read_text().splitlines()]

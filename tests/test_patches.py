@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from references import frequency_references
 from tiny import ARCHS, THETA, TRAIN_LEN, same_weights, tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
@@ -30,24 +31,8 @@ def rotary_dim(arch: str) -> int:
     return rope_info(tiny_model(arch)).rotary_dim
 
 
-# (lctx spec, transformers rope_parameters giving the same model). ntk and base are a changed rope_theta.
 def references(arch: str) -> list[tuple[str, dict]]:
-    d = rotary_dim(arch)
-    original = {"original_max_position_embeddings": TRAIN_LEN}
-    return [
-        ("pi:factor=4", {"rope_type": "linear", "factor": 4.0}),
-        ("linear:factor=2.5", {"rope_type": "linear", "factor": 2.5}),
-        ("dynamic-ntk:factor=4", {"rope_type": "dynamic", "factor": 4.0}),
-        ("yarn:factor=4", {"rope_type": "yarn", "factor": 4.0, **original}),
-        ("yarn:factor=8:beta_fast=16:beta_slow=2", {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0,
-                                                    "beta_slow": 2.0, **original}),
-        ("ntk-by-parts:factor=4", {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.0, **original}),
-        ("llama3:factor=8", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, **original}),
-        ("ntk:alpha=4", {"rope_theta": THETA * 4 ** (d / (d - 2))}),
-        ("ntk:factor=3", {"rope_theta": THETA * 3 ** (d / (d - 2))}),
-        ("base:theta=500000", {"rope_theta": 500000.0}),
-    ]
+    return frequency_references(rotary_dim(arch), THETA, TRAIN_LEN)
 
 
 def phi3_reference(model, rope: dict, length: int):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
+from references import formula_attention
 from tiny import ARCHS, TRAIN_LEN, same_weights, tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
@@ -34,43 +34,7 @@ def logits(model, x: torch.Tensor, **kwargs) -> torch.Tensor:
         return model(x, **kwargs).logits
 
 
-# ---- the reference: every score rotated by its own effective relative position ---------------------------
-
-def effective_position(name: str, p: dict, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """The table of the issue: P[i, j] from query position i and key position j."""
-    r, w = i - j, p["window"]
-    if name == "rerope":
-        far = torch.full_like(r, w, dtype=torch.float64)
-    elif name == "leaky-rerope":
-        far = w + (r - w) / p["k"]
-    else:
-        g = p["group"]
-        far = (torch.div(i, g, rounding_mode="floor") + w - w // g) - torch.div(j, g, rounding_mode="floor")
-    return torch.where(r < w, r.double(), far.double())
-
-
-def _reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *, name, params,
-                         inv_freq, softcap=None, **kwargs):
-    """Eager attention on unrotated q, k: score(i, j) = (R(P[i, j]) q_i) · k_j, since R(i)q · R(j)k = R(i−j)q · k."""
-    pos = kwargs["position_ids"].expand(query.shape[0], -1)
-    if params.get("logn"):
-        n = pos.double() + 1
-        query = query * torch.clamp(torch.log(n) / math.log(TRAIN_LEN), min=1)[:, None, :, None].float()
-    rel = effective_position(name, params, pos[:, :, None], pos[:, None, :])  # (B, T, T)
-    angle = rel[..., None] * inv_freq.double()
-    cos = torch.cat((angle.cos(), angle.cos()), -1).float()[:, None]  # (B, 1, T, T, rotary_dim)
-    sin = torch.cat((angle.sin(), angle.sin()), -1).float()[:, None]
-    d = cos.shape[-1]
-    q = query[:, :, :, None, :d]  # (B, H, T, 1, d)
-    q_rot = q * cos + torch.cat((-q[..., d // 2:], q[..., : d // 2]), -1) * sin
-    rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    scores = (q_rot * key[:, :, None, :, :d]).sum(-1) + query[..., d:] @ key[..., d:].transpose(-1, -2)
-    scores = scores * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores + attention_mask
-    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+# ---- the reference: every score rotated by its own effective relative position (tests/references.py) ----
 
 
 def reference_model(model, arch: str, spec: str, rope: dict | None = None, **overrides):
@@ -83,7 +47,8 @@ def reference_model(model, arch: str, spec: str, rope: dict | None = None, **ove
     (rotary,) = [m for m in reference.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     inv_freq = rotary.inv_freq.clone()
     rotary.inv_freq.zero_()
-    fn = functools.partial(_reference_attention, name=resolved.name, params=resolved.kwargs, inv_freq=inv_freq)
+    fn = functools.partial(formula_attention, name=resolved.name, params=resolved.kwargs, inv_freq=inv_freq,
+                           train_len=TRAIN_LEN)
     AttentionInterface.register("test_rerope", fn)
     ALL_MASK_ATTENTION_FUNCTIONS.register("test_rerope", eager_mask)
     reference.config._attn_implementation = "test_rerope"
