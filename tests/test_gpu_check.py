@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py, the one-command GPU check: its dry run (the same code on CPU at tiny sizes) and the ways it
+"""scripts/gpu_check.py (with scripts/gpu_parity.py), the one-command GPU check: its dry run (the same code on CPU at tiny sizes) and the ways it
 must report trouble, since the GPU run happens once, on a machine lent for minutes.
 """
 
@@ -127,8 +127,8 @@ def test_a_wrong_merge_fails_the_attention_checks(gpu_check, monkeypatch: pytest
     and bf16 (inside the window the near band's own segments may be merged too, so those may fail as well)."""
     merge = rerope._merge
     monkeypatch.setattr(rerope, "_merge", lambda o1, lse1, o2, lse2: merge(o1, lse1, o2, lse2 - 0.5))
-    p = gpu_check.Parity(gpu_check.DRY, torch.device("cpu"))
-    dict(gpu_check.parity_groups(p))["attention"]()
+    p = gpu_check.gpu_parity.Parity(gpu_check.DRY, torch.device("cpu"))
+    dict(gpu_check.gpu_parity.parity_groups(p))["attention"]()
     far = [c for c in p.checks if " 12 tokens" not in c.name]
     assert far and not any(c.passed for c in far), [c for c in far if c.passed]
     assert {c.dtype for c in far} == {"float32", "bfloat16"}
@@ -141,9 +141,9 @@ def test_a_wrong_token_fails_the_decode_checks(gpu_check, monkeypatch: pytest.Mo
         out = greedy(*args, **kwargs)
         return out[:-1] + [3 + (out[-1] - 2) % 125]  # another id of the tiny vocabulary, never EOS (2)
 
-    monkeypatch.setattr(gpu_check, "engine_greedy", lambda: last_token_wrong)
-    p = gpu_check.Parity(gpu_check.DRY, torch.device("cpu"))
-    dict(gpu_check.parity_groups(p))["decode"]()
+    monkeypatch.setattr(gpu_check.gpu_parity, "engine_greedy", lambda: last_token_wrong)
+    p = gpu_check.gpu_parity.Parity(gpu_check.DRY, torch.device("cpu"))
+    dict(gpu_check.gpu_parity.parity_groups(p))["decode"]()
     failed = {(c.name, c.dtype) for c in p.checks if not c.passed}
     assert failed == {(c.name, c.dtype) for c in p.checks if "lctx greedy" in c.name}
     assert {c.dtype for c in p.checks if not c.passed} == {"float32", "bfloat16"}
