@@ -1,5 +1,5 @@
-"""scripts/gpu_check.py (with scripts/gpu_parity.py), the one-command GPU check: its dry run (the same code on CPU at tiny sizes) and the ways it
-must report trouble, since the GPU run happens once, on a machine lent for minutes.
+"""scripts/gpu_check.py (with scripts/gpu_parity.py), the one-command GPU check: its dry run (the same code on CPU
+at tiny sizes) and the ways it must report trouble, since the GPU run happens once, on a machine lent for minutes.
 """
 
 from __future__ import annotations
