@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from lctx import evals
 from lctx.engine import Engine
-from lctx.evals.synthetic import ruler
+from lctx.evals.synthetic import ruler, ruler_data
 
 ROOT = Path(__file__).resolve().parent
 GOLDEN = json.loads((ROOT / "data" / "golden" / "ruler.json").read_text(encoding="utf-8"))
@@ -89,14 +89,14 @@ def test_prompt_ids_are_the_texts_own_encoding():
 def test_key_words_index_rulers_sorted_list():
     """niah.py's keys are sorted(set(f"{adjective}-{noun}")) (6 million); KeyWords indexes them without building
     them. On part of the lists, the interleaving adjectives (blue and blue-eyed, …) among them, it is that list."""
-    adjectives = ruler._wonderwords("adjectivelist.txt")
-    nouns = ruler._wonderwords("nounlist.txt")
+    adjectives = ruler_data._wonderwords("adjectivelist.txt")
+    nouns = ruler_data._wonderwords("nounlist.txt")
     some = [a for a in adjectives if a.split("-")[0] in ("blue", "high", "old", "wide", "teeny")] + adjectives[::40]
     part = nouns[::25] + [n for n in nouns if n.startswith(("eyed", "fashioned", "pitched"))]
     naive = sorted({f"{a}-{n}" for a in some for n in part})
-    keys = ruler.KeyWords(some, part)
+    keys = ruler_data.KeyWords(some, part)
     assert len(keys) == len(naive) and keys[:] == naive
-    everything = ruler.key_words()
+    everything = ruler_data.key_words()
     assert len(everything) == len({a for a in adjectives}) * len(set(nouns)) - 0  # no pair repeats in the full lists
     sampled = [everything[i] for i in range(0, len(everything), 997)]
     assert sampled == sorted(sampled)

@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 
 from lctx import patches, results, view
 from lctx.cli import app
-from lctx.view import figures as plots
-from lctx.view import frame, gate, tables
+from lctx.view import figures, frame, gate, plotting, tables
 
 TRAIN = 256  # the tiny model's training length (tests/conftest.py)
 LB = {"qasper": 31.0, "narrativeqa": 17.0, "hotpotqa": 40.0, "gov_report": 25.0}  # longbench scores (×100)
@@ -200,16 +199,16 @@ def test_variant_styles_come_from_the_declared_families() -> None:
              "rerope:window=64", "rerope:window=64:logn=true", "leaky-rerope:window=64", "pi:factor=2", "self-extend"]
     labels = {patches.parse(t).resolve(2048).canonical: t for t in typed}
     labels["my-variant:x=1"] = "my-variant"  # a variant this lctx does not know (old records)
-    styles = plots.variant_styles(labels)
-    assert plots.variant_styles(dict(reversed(labels.items()))) == styles  # order of appearance does not matter
+    styles = plotting.variant_styles(labels)
+    assert plotting.variant_styles(dict(reversed(labels.items()))) == styles  # order of appearance does not matter
     assert len({s.color for s in styles.values()}) == len(labels)  # one colour per variant
     assert styles["none"].color == "#000000" and styles["yarn:factor=4"].color == patches.FAMILIES["yarn"].color.lower()
     assert styles["dynamic-ntk:factor=4"].marker == patches.FAMILIES["ntk"].markers[2]  # its place in its family
     assert styles["leaky-rerope:window=64"].marker == patches.FAMILIES["rerope"].markers[1]
-    subset = plots.variant_styles({k: v for k, v in labels.items() if v in ("yarn:factor=4", "none", "pi:factor=2")})
+    subset = plotting.variant_styles({k: v for k, v in labels.items() if v in ("yarn:factor=4", "none", "pi:factor=2")})
     assert all(subset[x] == styles[x] for x in subset)  # another run, other variants: the same styles
     assert styles["ntk:factor=8:logn=true"].linestyle == "--" and styles["ntk:factor=8"].linestyle == "-"
-    assert styles["my-variant"].color == plots.UNKNOWN_COLOR
+    assert styles["my-variant"].color == plotting.UNKNOWN_COLOR
 
 
 def test_a_new_variant_gets_its_familys_colour_without_touching_the_view() -> None:
@@ -221,7 +220,7 @@ def test_a_new_variant_gets_its_familys_colour_without_touching_the_view() -> No
     patches.register(variant)
     try:
         labels = {"ntk-test:factor=2:logn=false": "ntk-test", "pi:factor=2:logn=false": "pi"}
-        styles = plots.variant_styles(labels)
+        styles = plotting.variant_styles(labels)
         hue = lambda c: __import__("colorsys").rgb_to_hls(*__import__("matplotlib.colors").colors.to_rgb(c))[0]  # noqa: E731
         assert hue(styles["ntk-test"].color) == pytest.approx(hue(patches.FAMILIES["ntk"].color), abs=0.01)
         assert styles["ntk-test"].marker == patches.FAMILIES["ntk"].markers[3 % len(patches.FAMILIES["ntk"].markers)]
@@ -243,7 +242,7 @@ def _legend_colours(figure) -> dict[str, str]:
 
 def test_figures_cover_every_task_with_one_colour_per_variant(full_report, tiny_model_dir) -> None:
     records, _ = full_report
-    by_stem = {p.stem: p for p in plots.figures(records)}
+    by_stem = {p.stem: p for p in figures.figures(records)}
     stem = tables.slugify(tables.model_stem(str(tiny_model_dir)))
     assert set(by_stem) == {f"ppl-ppl-{stem}", f"position-loss-ppl-{stem}", f"heatmap-passkey-{stem}",
                             f"metric-lm-eval-toytask-{stem}", f"longbench-{stem}", f"synthetic-{stem}"}
@@ -283,7 +282,7 @@ def test_longbench_figure_shows_category_means(full_report) -> None:
     records, _ = full_report
     groups = [g for g in frame.groups(records) if g.task.startswith("longbench:")]
     labels = frame.variant_labels(records)
-    figure = plots.by_category(groups, labels, plots.variant_styles(labels),
+    figure = figures.by_category(groups, labels, plotting.variant_styles(labels),
                                ("single-doc QA", "multi-doc QA", "summarization", "few-shot", "synthetic", "code"))
     top = figure.axes[0]  # length 128, within the training length
     assert [t.get_text() for t in top.get_xticklabels()] == ["single-doc QA", "multi-doc QA", "summarization",

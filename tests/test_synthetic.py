@@ -95,10 +95,10 @@ def test_ruler_noise_haystack_lines_and_needle_lines(ctx, tiny_tokenizer):
 
 
 def test_ruler_keys_are_wonderwords_pairs_asked_in_random_order(ctx, tiny_tokenizer):
-    from lctx.evals.synthetic import ruler
+    from lctx.evals.synthetic import ruler_data
 
-    adjectives = set(ruler._wonderwords("adjectivelist.txt"))
-    nouns = set(ruler._wonderwords("nounlist.txt"))
+    adjectives = set(ruler_data._wonderwords("adjectivelist.txt"))
+    nouns = set(ruler_data._wonderwords("nounlist.txt"))
     orders = []
     for prompt in official("niah-multiquery:haystack=noise").prompts(ctx, 1500):
         keys = prompt.info["query_keys"]
@@ -127,9 +127,9 @@ def test_ruler_variable_tracking_details(ctx, tiny_tokenizer):
 
 
 def test_ruler_common_and_frequent_words(ctx, tiny_tokenizer):
-    from lctx.evals.synthetic import ruler
+    from lctx.evals.synthetic import ruler_data
 
-    vocabulary = set(ruler.common_words(42))
+    vocabulary = set(ruler_data.common_words(42))
     prompt = official("common-words").prompts(ctx, 1500)[0]
     decoded = plain(tiny_tokenizer, prompt)
     main = decoded.rsplit("Below is a numbered list of words.", 1)[1].split("\nQuestion:")[0]

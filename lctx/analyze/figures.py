@@ -16,7 +16,8 @@ from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
 from lctx.spec import format_length
-from lctx.view.figures import COLUMN_WIDTH, PAGE_WIDTH, STYLE, Plot, Style, save, variant_styles
+from lctx.view.figures import save
+from lctx.view.plotting import COLUMN_WIDTH, PAGE_WIDTH, STYLE, Plot, Style, variant_styles
 
 MODEL = Style("#000000", "o", "-")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lctx import evals, pack, results
-from lctx.view import analysis, dashboard, figures, frame, gate, history, summaries, tables
+from lctx.view import analysis, dashboard, figures, frame, gate, history, plotting, summaries, tables
 from lctx.view.gate import GateResult, Tolerance, parse_tolerance
 
 __all__ = ["GateResult", "Report", "ReportError", "Tolerance", "console", "load", "markdown", "parse_tolerance",
@@ -161,7 +161,7 @@ def write(records: list[dict[str, Any]], out: str | Path, *, title: str, descrip
     figure_files = [path for _, paths in [*rendered, *correlation_plots, *trend_plots] for path in paths.values()]
     where = analyses_from if analyses_from is not None else source
     page = dashboard.Page(title=title, description=description, records=records, tables=table_list,
-                          plots=rendered, styles=figures.variant_styles(frame.variant_labels(records)), out=out,
+                          plots=rendered, styles=plotting.variant_styles(frame.variant_labels(records)), out=out,
                           source=source, summaries=summary_list, analyses=analyses(where) if where else [],
                           gate=result, fail_on_missing=fail_on_missing, baseline=baseline_source,
                           correlation_plots=correlation_plots, trend=trend, trend_plots=trend_plots)

@@ -26,8 +26,8 @@ from matplotlib.lines import Line2D
 from lctx import stats
 from lctx.evals import Metric
 from lctx.spec import format_length
-from lctx.view import figures as plots
 from lctx.view import frame as frames
+from lctx.view import plotting as plots
 from lctx.view.frame import Group
 from lctx.view.summaries import Summary
 from lctx.view.tables import model_stem, slugify

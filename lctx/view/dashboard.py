@@ -16,10 +16,10 @@ from typing import Any
 
 from lctx.spec import format_length
 from lctx.view import sections as extra
-from lctx.view.figures import Plot, Style
 from lctx.view.gate import GateResult, markdown_table
 from lctx.view.history import Trend
 from lctx.view.markup import anchor, e, figure_html, plain_table, svg_image
+from lctx.view.plotting import Plot, Style
 from lctx.view.summaries import Summary
 from lctx.view.tables import Table, interval_text, sections, table_markdown
 

@@ -27,9 +27,9 @@ from matplotlib.transforms import blended_transform_factory
 from lctx import results
 from lctx.evals import Metric
 from lctx.spec import format_length
-from lctx.view import figures as plots
 from lctx.view import frame as frames
 from lctx.view import gate, tables
+from lctx.view import plotting as plots
 from lctx.view.frame import Value
 from lctx.view.gate import CellKey, Change, Tolerance
 

@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from lctx.view.figures import Plot
+from lctx.view.plotting import Plot
 
 FIGURE_PX_PER_INCH = 125  # CSS pixels per inch of figure: 6.9 in (two columns of a paper) shows 860 px wide
 

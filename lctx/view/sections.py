@@ -11,10 +11,10 @@ import matplotlib
 from matplotlib import colors as mcolors
 
 from lctx.spec import format_length
-from lctx.view.figures import RETRIEVAL_CMAP, Plot
 from lctx.view.gate import GateResult
 from lctx.view.history import HISTORY_ROWS, Trend
 from lctx.view.markup import e, figure_html, plain_table
+from lctx.view.plotting import RETRIEVAL_CMAP, Plot
 from lctx.view.summaries import Summary, length_text
 
 TREND_ROWS = 25  # regressions between runs listed on the page

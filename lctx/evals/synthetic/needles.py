@@ -16,6 +16,7 @@ from typing import Any
 from lctx.engine import Engine
 from lctx.evals import max_new_tokens_param
 from lctx.evals.synthetic import ruler as generators
+from lctx.evals.synthetic import ruler_data
 from lctx.evals.synthetic.base import (
     COMMON,
     DEPTHS,
@@ -74,7 +75,7 @@ class Needles(SyntheticTask):
     def data_record(self, engine: Engine, cell) -> dict[str, Any]:
         record = super().data_record(engine, cell)
         if not self.exact and self.args.key_type == "words":
-            record["word_lists"] = generators.word_lists()
+            record["word_lists"] = ruler_data.word_lists()
         return record
 
     def new_key(self, rng: random.Random, taken: set[str]) -> str:

@@ -17,17 +17,18 @@ from lctx.data import DataError
 from lctx.engine import Engine
 from lctx.evals import CHAT_TEMPLATE, max_new_tokens_param, samples_param
 from lctx.evals.synthetic import ruler as generators
+from lctx.evals.synthetic import ruler_data
 from lctx.evals.synthetic.base import SEED, SyntheticTask, string_match_all, string_match_part
 from lctx.spec import Param
 
 FILES = {"squad": ("squad.json", "dev-v2.0.json"), "hotpotqa": ("hotpotqa.json", "hotpot_dev_distractor_v1.json")}
-READERS = {"squad": generators.read_squad, "hotpotqa": generators.read_hotpotqa}
+READERS = {"squad": ruler_data.read_squad, "hotpotqa": ruler_data.read_hotpotqa}
 SOURCES = {"squad": "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json",
            "hotpotqa": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"}
 
 
 @functools.cache
-def _read(dataset: str, path: str, size: int, mtime: int) -> generators.QaData:
+def _read(dataset: str, path: str, size: int, mtime: int) -> ruler_data.QaData:
     try:
         return READERS[dataset](Path(path))
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -61,7 +62,7 @@ class QuestionAnswering(SyntheticTask):
     def validate(self) -> None:
         _ = self.file
 
-    def qa_data(self) -> generators.QaData:
+    def qa_data(self) -> ruler_data.QaData:
         stat = self.file.stat()
         return _read(self.args.dataset, str(self.file.resolve()), stat.st_size, stat.st_mtime_ns)
 

@@ -13,6 +13,7 @@ from lctx.engine import Engine
 from lctx.evals import max_new_tokens_param
 from lctx.evals.filler import FILLER
 from lctx.evals.synthetic import ruler as generators
+from lctx.evals.synthetic import ruler_data
 from lctx.evals.synthetic.base import COMMON, Body, DataNeeded, SyntheticTask, noise_pad, tail_of
 from lctx.spec import Param
 
@@ -38,12 +39,12 @@ class CommonWords(SyntheticTask):
 
     def ruler_samples(self, engine: Engine, cell: generators.Cell) -> list[generators.Sample]:
         return generators.common_words_task(cell, self.args, self.args.samples,
-                                            lambda: generators.english_words(self.args.data_dir))
+                                            lambda: ruler_data.english_words(self.args.data_dir))
 
     def data_record(self, engine: Engine, cell) -> dict[str, Any]:
         record = super().data_record(engine, cell)
         if not self.exact:
-            record["word_lists"] = generators.word_lists()
+            record["word_lists"] = ruler_data.word_lists()
         return record
 
     def repeats(self, length: int) -> tuple[int, int]:
