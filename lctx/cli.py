@@ -47,6 +47,7 @@ def ropes(as_json: bool = typer.Option(False, "--json", help="print a JSON list 
             "name": name,
             "params": {p.name: p.default for p in variant.all_params},
             "required": [p.name for p in variant.all_params if p.required],
+            "bounds": {p.name: p.bounds() for p in variant.all_params if p.bounds()},
             "description": variant.description,
             "reference": variant.reference,
             "kind": variant.kind,
