@@ -118,8 +118,8 @@ def eval_(
     stride: str | None = typer.Option(None, "--stride", help="task parameter stride (ppl): sliding-window mode"),
     last_k: int | None = typer.Option(None, "--last-k", help="task parameter last_k (ppl, default 256)"),
     data_path: str | None = typer.Option(None, "--data", help="task parameter data (ppl, niah, synthetic): a .txt "
-                                         "file, a directory of .txt files or a .jsonl file (default: the Python "
-                                         "reference manual, offline)"),
+                                         "file, a directory of .txt files, a .jsonl file or pydoc-heldout (the toy "
+                                         "lab's held-out text) (default: the Python reference manual, offline)"),
     text_field: str | None = typer.Option(None, "--text-field", help="task parameter text_field: text field of a "
                                           ".jsonl corpus or a dataset"),
     dataset: str | None = typer.Option(None, "--dataset", help="task parameter data=hf:NAME[:config][:split]: a "
