@@ -320,10 +320,12 @@ def report_(
 @app.command("sweep")
 def sweep(
     experiment: Path = typer.Argument(..., help="experiment file (TOML: name, description, models, ropes, tasks, "
-                                      "lengths and an options table); see experiments/"),
+                                      "lengths, an options table and train tables of toy models to train "
+                                      "first); see experiments/"),
     out: Path | None = typer.Option(None, "--out", "-o", help="results directory (default: results/<name>/)"),
     report_out: Path | None = typer.Option(None, "--report", help="report directory (default: report/<name>/)"),
-    force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded"),
+    force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded (and retrain the "
+                               "file's train models)"),
     shard: str | None = typer.Option(None, "--shard", callback=_parsed(options.parse_shard),
                                      help="run shard i of n (0 ≤ i < n), e.g. 0/4; shards write separate files"),
     executor: str | None = typer.Option(None, "--executor", help=run_help("executor") + "; overrides the file's"),
