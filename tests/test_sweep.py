@@ -257,12 +257,13 @@ def test_sweep_trains_then_evaluates_and_the_manifest_names_the_training_variant
           + TINY_TRAIN + INVERSE)
     done = CliRunner().invoke(app, ["sweep", "e.toml"])
     assert done.exit_code == 0, done.output
-    assert "training a: lctx toy train" in done.output and "trained under leaky-rerope:window=4:k=0.25" in done.output
+    trained_under = "leaky-rerope:window=4:k=0.25:logn=false"
+    assert "training a: lctx toy train" in done.output
+    assert f"loaded b on cpu (float32, sdpa, training length 16, trained under {trained_under}) in" in done.output
     records = view.newest(results.Store(tmp_path / "results" / "e").read())
     assert sorted((r["model"], r["length"], r["status"]) for r in records) == [
         ("a", 16, "ok"), ("a", 32, "ok"), ("b", 16, "ok"), ("b", 32, "ok")]
     manifest = json.loads(next((tmp_path / "results" / "e").glob("manifest-*.json")).read_text())
-    trained_under = "leaky-rerope:window=4:k=0.25:logn=false"
     assert manifest["models"] == [{"model": "a", "train_len": 16},
                                   {"model": "b", "train_len": 16, "train_rope": trained_under}]
 
