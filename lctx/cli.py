@@ -47,6 +47,7 @@ def ropes(as_json: bool = typer.Option(False, "--json", help="print a JSON list 
             "name": name,
             "params": {p.name: p.default for p in variant.all_params},
             "required": [p.name for p in variant.all_params if p.required],
+            "bounds": {p.name: p.bounds() for p in variant.all_params if p.bounds()},
             "description": variant.description,
             "reference": variant.reference,
             "kind": variant.kind,
@@ -117,8 +118,8 @@ def eval_(
     stride: str | None = typer.Option(None, "--stride", help="task parameter stride (ppl): sliding-window mode"),
     last_k: int | None = typer.Option(None, "--last-k", help="task parameter last_k (ppl, default 256)"),
     data_path: str | None = typer.Option(None, "--data", help="task parameter data (ppl, niah, synthetic): a .txt "
-                                         "file, a directory of .txt files or a .jsonl file (default: the Python "
-                                         "reference manual, offline)"),
+                                         "file, a directory of .txt files, a .jsonl file or pydoc-heldout (the toy "
+                                         "lab's held-out text) (default: the Python reference manual, offline)"),
     text_field: str | None = typer.Option(None, "--text-field", help="task parameter text_field: text field of a "
                                           ".jsonl corpus or a dataset"),
     dataset: str | None = typer.Option(None, "--dataset", help="task parameter data=hf:NAME[:config][:split]: a "
@@ -355,10 +356,12 @@ def pack_(
 @app.command("sweep")
 def sweep(
     experiment: Path = typer.Argument(..., help="experiment file (TOML: name, description, models, ropes, tasks, "
-                                      "lengths and an options table); see experiments/"),
+                                      "lengths, an options table and train tables of toy models to train "
+                                      "first); see experiments/"),
     out: Path | None = typer.Option(None, "--out", "-o", help="results directory (default: results/<name>/)"),
     report_out: Path | None = typer.Option(None, "--report", help="report directory (default: report/<name>/)"),
-    force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded"),
+    force: bool = typer.Option(False, "--force", help="recompute cells that are already recorded (and retrain the "
+                               "file's train models)"),
     shard: str | None = typer.Option(None, "--shard", callback=_parsed(options.parse_shard),
                                      help="run shard i of n (0 ≤ i < n), e.g. 0/4; shards write separate files"),
     executor: str | None = typer.Option(None, "--executor", help=run_help("executor") + "; overrides the file's"),

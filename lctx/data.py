@@ -5,6 +5,9 @@
   with ``--samples N`` that text is split at topic boundaries into N contiguous parts of near-equal size,
   one document per sample (so sample 1 always starts at the beginning of the manual, and samples never
   overlap).
+* ``pydoc-heldout``: the toy lab's held-out text, the last 10% of the same topics concatenated without
+  separators (:func:`pydoc_split`), which ``lctx toy train`` never trains on; ``--samples N`` splits it into N
+  contiguous parts of equal size. Toy models trained on the rest are evaluated on it.
 * ``--data PATH``: a ``.txt`` file (one document), a directory of ``.txt`` files (one document each, sorted
   by name) or a ``.jsonl`` file (one document per line, text under ``--text-field``, default ``text``).
 * ``--dataset NAME[:config][:split]``: streamed through ``datasets`` (split defaults to ``test``); needs the
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CORPUS = "pydoc"
+HELDOUT_CORPUS = "pydoc-heldout"
+HELDOUT_FRACTION = 0.1  # of the toy lab's text: its last 10% (~46 kB) is never trained on
 DATASET_SPLIT = "test"
 
 
@@ -126,6 +131,30 @@ def pydoc_corpus() -> Corpus:
                 f"blank lines, {split}")
 
     return Corpus(DEFAULT_CORPUS, documents, describe)
+
+
+def pydoc_split() -> tuple[str, str]:
+    """(train, held-out) text of the toy lab: pydoc topics concatenated in sorted key order, the tail held out."""
+    text = "".join(text for _, text in _pydoc_topics())
+    cut = int(len(text) * (1 - HELDOUT_FRACTION))
+    return text[:cut], text[cut:]
+
+
+def heldout_corpus() -> Corpus:
+    """The toy lab's held-out text, cut into ``samples`` contiguous parts of equal size (characters)."""
+    version = ".".join(map(str, sys.version_info[:3]))
+
+    def documents(samples: int) -> Iterator[Document]:
+        text = pydoc_split()[1]
+        size = -(-len(text) // samples)
+        for i in range(samples):
+            yield Document(f"{HELDOUT_CORPUS}-part-{i + 1}-of-{samples}", text[i * size:(i + 1) * size])
+
+    def describe(samples: int) -> str:
+        return (f"the last {HELDOUT_FRACTION:.0%} of pydoc_data.topics (Python {version} reference manual, topics "
+                f"sorted by name, concatenated), never trained on by lctx toy train, in {samples} equal parts")
+
+    return Corpus(HELDOUT_CORPUS, documents, describe)
 
 
 def content_fingerprint(files: list[Path]) -> str:
@@ -353,7 +382,8 @@ def token_stream(corpus: Corpus, tokenizer, min_tokens: int) -> Stream:
 
 
 def corpus(ref: str = DEFAULT_CORPUS, text_field: str = "text") -> Corpus:
-    """The corpus a task's ``data`` parameter names: ``pydoc``, a path, or ``hf:NAME[:config][:split]``.
+    """The corpus a task's ``data`` parameter names: ``pydoc``, ``pydoc-heldout``, a path, or
+    ``hf:NAME[:config][:split]``.
 
     The same object for the same source (a file's size and modification time included), so every task of a
     process shares its tokenized documents."""
@@ -366,6 +396,8 @@ def corpus(ref: str = DEFAULT_CORPUS, text_field: str = "text") -> Corpus:
 def _corpus(ref: str, text_field: str, stamp: tuple[int, int] | None) -> Corpus:
     if ref == DEFAULT_CORPUS:
         return pydoc_corpus()
+    if ref == HELDOUT_CORPUS:
+        return heldout_corpus()
     if ref.startswith("hf:"):
         return dataset_corpus(ref.removeprefix("hf:"), text_field)
     return file_corpus(ref, text_field)

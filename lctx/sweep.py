@@ -14,10 +14,16 @@ An experiment file names the grid in the same specs as the command line::
     dtype = "fp32"                           #   executor, ray_address) and task parameters for every task
                                              #   that has them (samples, depths, …)
 
+    [train."results/toy/rope-128"]           # optional: a toy model to train first (one of the models), with
+    context = 128                            #   the `lctx toy train` options as keys (context required; rope,
+    rope = "leaky-rerope:k=0.0625"           #   steps, seed, dim, threads, …; see lctx.toy.RECIPE_PARAMS)
+
 Every value is checked by the parameter it sets, as on the command line; a key that is neither a run setting nor
 a parameter of a selected task is an error naming the valid ones. Relative paths are relative to the current
 directory. Running it again resumes: the results store skips the cells already recorded (``--force`` recomputes
-them). The report covers exactly the experiment's cells, even when its results directory holds other runs too.
+them), and a ``[train]`` model whose directory holds the model its table trains (the command in its README) is
+not trained again (``--force`` retrains it; a directory holding another model is an error without it). The
+report covers exactly the experiment's cells, even when its results directory holds other runs too.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from typing import Any
 
 from rich.console import Console
 
-from lctx import evals, execute, options, results, view
+from lctx import evals, execute, options, patches, results, toy, view
+from lctx.execute import launch
 from lctx.spec import SpecError
 
-FIELDS = ("name", "description", "models", "ropes", "tasks", "lengths", "options")
+FIELDS = ("name", "description", "models", "ropes", "tasks", "lengths", "options", "train")
 REQUIRED = ("models", "ropes", "tasks", "lengths")
 NOT_OPTIONS = {"out": "lctx sweep --out", "force": "lctx sweep --force", "shard": "lctx sweep --shard",
                "models": "the top-level models list", "ropes": "the top-level ropes list",
@@ -57,6 +64,7 @@ class Experiment:
     lengths: list[int]
     settings: dict[str, Any] = field(default_factory=dict)  # run settings, converted
     task_defaults: dict[str, Any] = field(default_factory=dict)  # checked when the tasks are resolved
+    train: dict[str, toy.Recipe] = field(default_factory=dict)  # model directory -> how to train it first
 
     def run_options(self, out: Path, *, force: bool = False, shard: tuple[int, int] | None = None,
                     argv: list[str] | None = None) -> options.RunOptions:
@@ -102,6 +110,23 @@ def _options(path: Path, table: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return settings, {k: v for k, v in table.items() if k not in options.RUN_PARAM_NAMES}
 
 
+def _train(path: Path, table: Any, models: list[str]) -> dict[str, toy.Recipe]:
+    """[train."DIR"] tables: the toy models to train before the grid runs, each one of the models."""
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ExperimentError(f"{path}: train must hold one table per model directory, e.g. "
+                              '[train."results/toy/rope-128"] with context = 128')
+    recipes = {}
+    for directory, recipe in table.items():
+        if directory not in models:
+            raise ExperimentError(f"{path}: [train.{directory!r}] trains a model the experiment does not "
+                                  f"evaluate; add {directory!r} to models (models: {', '.join(models)})")
+        try:
+            recipes[directory] = toy.Recipe.from_table(recipe, directory, f"{path}: [train.{directory!r}]")
+        except (SpecError, ValueError) as err:
+            raise ExperimentError(str(err)) from None
+    return recipes
+
+
 def load(path: str | Path) -> Experiment:
     """Read and check an experiment file; everything wrong with it is an ExperimentError naming the key."""
     path = Path(path)
@@ -132,10 +157,47 @@ def load(path: str | Path) -> Experiment:
         evals.resolve(tasks, defaults)  # every task parameter checked now, where the file is named
     except evals.TaskError as err:
         raise ExperimentError(f"{path}: {err}") from None
-    return Experiment(path=path, name=name, description=description,
-                      models=_strings(path, "models", content["models"]),
+    models = _strings(path, "models", content["models"])
+    return Experiment(path=path, name=name, description=description, models=models,
                       ropes=_strings(path, "ropes", content["ropes"]), tasks=tasks,
-                      lengths=_lengths(path, content["lengths"]), settings=settings, task_defaults=defaults)
+                      lengths=_lengths(path, content["lengths"]), settings=settings, task_defaults=defaults,
+                      train=_train(path, content.get("train", {}), models))
+
+
+def train(experiment: Experiment, *, force: bool = False, distributed: bool = False,
+          console: Console | None = None) -> list[str]:
+    """Train the experiment's [train] models its directories do not hold yet (all of them with ``force``).
+
+    Everything is checked before anything trains: a directory holding another model is an ExperimentError
+    (unless ``force``), as is training in a ``distributed`` run (shards or launched ranks would each train the
+    same model; the message names the commands to run first), and a variant of the grid that does not parse is
+    a SpecError. Returns the directories trained.
+    """
+    console = console or Console()
+    todo = []
+    for directory, recipe in experiment.train.items():
+        state = recipe.trained(directory)
+        if state and not force:
+            console.print(f"{directory}: already trained by {recipe.command(directory)}", highlight=False)
+            continue
+        if state is False and not force:
+            raise ExperimentError(f"{experiment.path}: {directory} holds a model that [train.{directory!r}] does "
+                                  f"not describe (its README lacks `{recipe.command(directory)}`); delete it, "
+                                  "train elsewhere, or pass --force to retrain it")
+        todo.append(directory)
+    if todo:  # the grid's variants are checked by the plan, after training: the typos before minutes of it
+        patches.parse_list(experiment.ropes)
+    if todo and distributed:
+        commands = "; ".join(experiment.train[d].command(d) for d in todo)
+        raise ExperimentError(f"{experiment.path}: a sharded or launched sweep does not train its [train] models "
+                              f"(every process would); train them first: {commands}")
+    for directory in todo:
+        console.print(f"training {directory}: {experiment.train[directory].command(directory)}", highlight=False)
+        try:
+            experiment.train[directory].train(directory)
+        except ValueError as err:  # unwritable directory, diverged training: one line, as from lctx toy train
+            raise ExperimentError(f"{experiment.path}: training {directory}: {err}") from None
+    return todo
 
 
 def run(path: str | Path, *, out: str | Path | None = None, report_out: str | Path | None = None,
@@ -147,11 +209,14 @@ def run(path: str | Path, *, out: str | Path | None = None, report_out: str | Pa
     With ``--shard`` no report is written: the other shards' cells are missing (``lctx report`` once all have
     run); under a launcher, rank 0 writes it once every rank is done.
 
+    The ``[train]`` models are trained first (see :func:`train`).
+
     Raises ExperimentError, or one of :data:`lctx.execute.USAGE_ERRORS`, before anything runs.
     """
     console = console or Console()
     experiment = load(path)
     experiment.settings.update(settings or {})
+    train(experiment, force=force, distributed=shard is not None or launch.from_env() is not None, console=console)
     out = Path(out) if out is not None else Path("results") / experiment.name
     report_out = Path(report_out) if report_out is not None else Path("report") / experiment.name
     run_options = experiment.run_options(out, force=force, shard=shard, argv=argv)

@@ -165,7 +165,8 @@ def test_position_maps_match_the_attention_patches() -> None:
     """fq(i) − gk(j) of lctx's attention variants, for every pair beyond the window, is the analysed position."""
     far = {"rerope": rerope._rerope_far, "leaky-rerope": rerope._leaky_far, "self-extend": rerope._self_extend_far}
     pos = torch.arange(300)
-    for text in ["rerope:window=40", "leaky-rerope:window=40:k=6", "self-extend:window=40:group=8"]:
+    for text in ["rerope:window=40", "leaky-rerope:window=40:k=6", "leaky-rerope:window=40:k=0.25",
+                 "self-extend:window=40:group=8"]:
         spec = patches.parse(text).resolve(256)
         fq, gk = far[spec.name](pos, pos, spec.kwargs)
         for j in (0, 8, 16):  # SelfExtend depends on where the key sits in its group: j a multiple of G here

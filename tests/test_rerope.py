@@ -180,7 +180,8 @@ def test_registered_with_defaults_from_training_length() -> None:
 
 @pytest.mark.parametrize(("spec", "words"), [
     ("rerope:window=0", ["window=0", "≥ 1"]),
-    ("leaky-rerope:k=0.5", ["k=0.5", "≥ 1"]),
+    ("leaky-rerope:k=0", ["k=0", "> 0"]),
+    ("leaky-rerope:k=-0.5", ["k=-0.5", "> 0"]),
     ("self-extend:group=0", ["group=0", "≥ 1"]),
     ("self-extend:window=-3", ["window=-3"]),
     ("rerope:window=2.5", ["window=2.5 is not valid", "int"]),
@@ -208,3 +209,79 @@ def test_fully_masked_rows_merge_to_the_other_part() -> None:
     plain = rerope._materialized(q, k, v, open_, 0.5, None)
     for a, b in zip(flash, plain, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---- inverse Leaky ReRoPE (k < 1) and training ----------------------------------------------------------------
+
+def test_inverse_leaky_specs_are_accepted() -> None:
+    """k < 1 (far positions advance 1/k > 1 per token) is Su's training-time use; k = 1 still reproduces RoPE."""
+    assert patches.parse("leaky-rerope:window=32:k=0.0625").resolve(128).canonical == \
+        "leaky-rerope:window=32:k=0.0625:logn=false"
+    assert "k < 1" in patches.REGISTRY["leaky-rerope"].description
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma2"])
+def test_inverse_leaky_matches_reference(arch: str) -> None:
+    model = tiny_model(arch)
+    spec = f"leaky-rerope:window={WINDOW}:k=0.25"
+    reference = reference_model(model, arch, spec)
+    x = ids(100)  # the farthest key sits at 16 + 83 · 4 = 348, past anything plain RoPE reaches at 100 tokens
+    with patches.apply(model, spec, train_len=TRAIN_LEN):
+        got = logits(model, x)
+    expected = logits(reference, x)
+    assert torch.allclose(got, expected, atol=TOL, rtol=0), (got - expected).abs().max()
+    assert not torch.allclose(got, logits(model, x), atol=1e-3)
+
+
+def loss_and_grads(model, x: torch.Tensor, forward) -> tuple[float, dict[str, torch.Tensor]]:
+    """Next-token loss of ``forward(x)`` (logits) and the gradient of every parameter."""
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(forward(x)[0, :-1], x[0, 1:])
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("arch", "spec"), [
+    ("llama", "leaky-rerope:window=8:k=0.25"), ("llama", "rerope:window=8"), ("llama", "self-extend:window=8:group=3"),
+    ("llama", "leaky-rerope:window=8:k=4:logn=true"), ("gpt_neox", "leaky-rerope:window=8:k=0.25"),
+])
+def test_training_loss_and_gradients_match_naive_reference(arch: str, spec: str) -> None:
+    """Under autograd the patch is the naive reference's function: equal loss and parameter gradients.
+
+    The fused kernels' log-sum-exp has no gradient, so without the materialised path the gradients of the merge
+    would be off by ~1e-3 while the loss stayed equal; chunks of 7 rows cross the window inside each part.
+    """
+    from lctx.patches.naive import naive_logits
+
+    model = tiny_model(arch)
+    x = ids(41)
+    resolved = patches.parse(spec).resolve(TRAIN_LEN)
+    with patches.apply(model, resolved, TRAIN_LEN):
+        loss, grads = loss_and_grads(model, x, lambda x: model(x).logits)
+    ref_loss, ref_grads = loss_and_grads(
+        model, x, lambda x: naive_logits(model, x, resolved.name, resolved.kwargs, TRAIN_LEN, grad=True))
+    _, plain_grads = loss_and_grads(model, x, lambda x: model(x).logits)
+    assert abs(loss - ref_loss) <= TOL
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], atol=TOL, rtol=0), (name, (grad - ref_grads[name]).abs().max())
+    assert max((grads[n] - plain_grads[n]).abs().max() for n in grads) > 20 * TOL  # the variant changed them
+
+
+def test_rotation_under_autograd_equals_the_in_place_one() -> None:
+    """Layout.rotate's autograd form (no ``out=``) against its in-place form, for every layout kind."""
+    from lctx.patches.layout import Layout
+
+    x = torch.randn(2, 3, 5, 24, dtype=torch.float64)
+    angle = torch.randn(5, 8, dtype=torch.float64)
+    for offset in (0, 8):
+        for interleaved in (False, True):
+            for direction in (1, -1):
+                layout = Layout(None, offset, 8, interleaved, 24, direction)
+                with torch.no_grad():
+                    expected = layout.rotate(x, angle.cos(), angle.sin())
+                leaf = x.clone().requires_grad_()
+                got = layout.rotate(leaf, angle.cos(), angle.sin())
+                assert got.requires_grad and torch.allclose(got, expected, atol=1e-12, rtol=0)
+                assert torch.autograd.gradcheck(lambda t, layout=layout: layout.rotate(t, angle.cos(), angle.sin()),
+                                                (leaf,))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 from lctx import patches, plan, results, sweep, view
@@ -177,3 +178,110 @@ def test_su_table_sweep_end_to_end(tmp_path) -> None:
     table = (tmp_path / "report" / "tables" / "ppl-ppl-toy-byte-128.csv").read_text().splitlines()
     assert table[0] == "variant,rope,128,512,1024" and len(table) == 7
     assert (tmp_path / "report" / "figures" / "ppl-ppl-toy-byte-128.pdf").is_file()
+
+
+# ---- [train] tables: toy models trained before the grid (experiments/inverse-leaky.toml) -----------------------
+
+TINY_TRAIN = "context = 16\nsteps = 1\nlayers = 1\ndim = 32\nheads = 2\nbatch_size = 4\nwarmup = 1\nthreads = 1\n"
+INVERSE = 'rope = "leaky-rerope:window=4:k=0.25"\n'
+TWO = 'models = ["a", "b"]\nropes = ["none"]\ntasks = ["ppl"]\nlengths = [16, 32]\n[options]\nsamples = 1\n'
+
+
+def test_inverse_leaky_experiment_trains_two_alike_models_and_plans_its_grid(tmp_path) -> None:
+    from lctx import models
+
+    experiment = sweep.load(ROOT / "experiments" / "inverse-leaky.toml")
+    assert experiment.ropes == ["none"] and experiment.lengths == [128, 256, 512, 1024]
+    assert experiment.task_defaults["data"] == "pydoc-heldout"  # text neither model trained on
+    assert list(experiment.train) == experiment.models
+    plain, inverse = experiment.train.values()
+    assert plain.rope is None and plain.context == inverse.context == 128
+    assert (plain.steps, plain.seed, plain.config, plain.threads) == \
+        (inverse.steps, inverse.seed, inverse.config, inverse.threads)  # alike but for the variant
+    spec = patches.parse(inverse.rope).resolve(128)
+    assert spec.name == "leaky-rerope" and spec.kwargs["k"] < 1
+    # the grid plans against untrained models of the two recipes
+    dirs = []
+    for recipe in experiment.train.values():
+        config = recipe.config.model_config(recipe.context)
+        if recipe.rope:
+            setattr(config, models.TRAIN_ROPE_KEY, spec.canonical)
+        dirs.append(str(tmp_path / f"m{len(dirs)}"))
+        LlamaForCausalLM(config).save_pretrained(dirs[-1])
+    options = experiment.run_options(tmp_path / "results")
+    options.models = dirs
+    the_plan = plan.plan(options)
+    assert the_plan.total_cells == 2 * 4 and set(the_plan.train_lens.values()) == {128}
+    assert the_plan.train_ropes == {dirs[1]: spec.canonical}
+
+
+def test_train_tables_are_checked_when_the_file_is_read(tmp_path) -> None:
+    assert "trains a model the experiment does not evaluate" in _error(tmp_path, TWO + '[train."c"]\ncontext = 16\n')
+    assert "missing context" in _error(tmp_path, TWO + '[train."a"]\nsteps = 2\n')
+    assert "unknown parameter 'step'" in _error(tmp_path, TWO + '[train."a"]\ncontext = 16\nstep = 2\n')
+    assert "one table per model directory" in _error(tmp_path, TWO.replace("[options]", "train = 3\n[options]"))
+    message = _error(tmp_path, TWO + '[train."b"]\ncontext = 16\nrope = "leaky-rerope:k=0"\n')
+    assert "[train.'b']" in message and "k=0 is not valid" in message
+    assert "dynamic-ntk depends on the length" in _error(tmp_path, TWO + '[train."b"]\ncontext = 16\n'
+                                                         'rope = "dynamic-ntk:factor=2"\n')
+    assert "--heads 3 must divide --dim 32" in _error(tmp_path, TWO + '[train."a"]\ncontext = 16\ndim = 32\n'
+                                                      "heads = 3\n")
+
+
+def test_train_tables_train_once_resume_refuse_and_retrain(tmp_path, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.chdir(tmp_path)
+    text = TWO + '[train."a"]\n' + TINY_TRAIN + '[train."b"]\n' + TINY_TRAIN + INVERSE
+    experiment = sweep.load(write(tmp_path / "e.toml", text))
+    console = Console(file=io.StringIO(), width=400)
+    with pytest.raises(sweep.ExperimentError, match="sharded or launched") as err:
+        sweep.train(experiment, distributed=True, console=console)
+    assert "lctx toy train --context 16 --out a --steps 1" in str(err.value) and not (tmp_path / "a").exists()
+    assert sweep.train(experiment, console=console) == ["a", "b"]
+    assert "lctx_train_rope" in (tmp_path / "b" / "config.json").read_text()
+    assert sweep.train(experiment, console=console) == []  # the directories hold what the tables describe
+    assert "a: already trained by lctx toy train --context 16 --out a" in console.file.getvalue()
+    changed = sweep.load(write(tmp_path / "e.toml", text.replace("steps = 1", "steps = 2", 1)))
+    with pytest.raises(sweep.ExperimentError, match="a holds a model that"):
+        sweep.train(changed, console=console)
+    assert sweep.train(changed, force=True, console=console) == ["a", "b"]
+    assert "--steps 2" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_sweep_trains_then_evaluates_and_the_manifest_names_the_training_variant(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "e.toml", TWO + 'data = "pydoc-heldout"\n[train."a"]\n' + TINY_TRAIN + '[train."b"]\n'
+          + TINY_TRAIN + INVERSE)
+    done = CliRunner().invoke(app, ["sweep", "e.toml"])
+    assert done.exit_code == 0, done.output
+    trained_under = "leaky-rerope:window=4:k=0.25:logn=false"
+    assert "training a: lctx toy train" in done.output
+    assert f"loaded b on cpu (float32, sdpa, training length 16, trained under {trained_under}) in" in done.output
+    records = view.newest(results.Store(tmp_path / "results" / "e").read())
+    assert sorted((r["model"], r["length"], r["status"]) for r in records) == [
+        ("a", 16, "ok"), ("a", 32, "ok"), ("b", 16, "ok"), ("b", 32, "ok")]
+    manifest = json.loads(next((tmp_path / "results" / "e").glob("manifest-*.json")).read_text())
+    assert manifest["models"] == [{"model": "a", "train_len": 16},
+                                  {"model": "b", "train_len": 16, "train_rope": trained_under}]
+
+
+@pytest.mark.slow
+def test_inverse_leaky_sweep_reproduces_the_readme_table(tmp_path, monkeypatch) -> None:
+    """The shipped experiment as README runs it (about 10 minutes on 2 CPU cores): both models trained, then the
+    perplexities README reports, within 1% (one training thread makes the weights bit-identical on one build)."""
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["sweep", str(ROOT / "experiments" / "inverse-leaky.toml")])
+    assert done.exit_code == 0, done.output
+    records = view.newest(results.Store(tmp_path / "results" / "inverse-leaky").read())
+    got = {(Path(r["model"]).name, r["length"]): r["metrics"]["ppl"] for r in records}
+    assert len(got) == 8
+    readme = (ROOT / "README.md").read_text().splitlines()
+    rows = {"rope-128": "| plain RoPE |", "inverse-leaky-128": "| inverse Leaky ReRoPE (w = 32, k = 1/16) |"}
+    for model, row in rows.items():
+        (line,) = [line for line in readme if line.startswith(row)]
+        reported = [float(cell) for cell in line.strip("|").split("|")[1:]]
+        for length, value in zip((128, 256, 512, 1024), reported, strict=True):
+            assert got[(model, length)] == pytest.approx(value, rel=0.01), (model, length)

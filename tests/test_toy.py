@@ -133,3 +133,66 @@ def test_su_table_experiment_is_well_formed() -> None:
     assert any(s.name == "ntk" and s.kwargs.get("logn") for s in specs)
     assert any(s.name == "rerope" and s.kwargs.get("logn") for s in specs)
     assert experiment["tasks"] == ["ppl"] and experiment["lengths"][0] == 128
+
+
+# ---- training under a RoPE variant (Su's inverse Leaky ReRoPE) ---------------------------------------------------
+
+INVERSE = "leaky-rerope:window=4:k=0.25"
+
+
+def test_train_under_a_variant_records_it_where_evaluation_reads_it(tmp_path: Path) -> None:
+    plain, under = tmp_path / "plain", tmp_path / "under"
+    for out, extra in ((plain, []), (under, ["--rope", INVERSE])):
+        result = runner.invoke(toy.toy_app, ["train", "--context", "16", "--out", str(out), "--steps", "2", *TINY,
+                                             "--threads", "1", *extra])
+        assert result.exit_code == 0, result.output
+    canonical = patches.parse(INVERSE).resolve(16).canonical
+    loaded = models.load(str(under))
+    assert loaded.train_rope == canonical and models.load(str(plain)).train_rope is None
+    assert "lctx_train_rope" not in (plain / "config.json").read_text()
+    readme = (under / "README.md").read_text()
+    assert f"Trained under the RoPE variant `{canonical}`" in readme and f"--rope {canonical}" in readme
+    assert f"under `{canonical}`" in readme and "with plain RoPE" in readme
+    # the same seed and data order: the weights differ only because training ran under the variant
+    before, after = load_file(plain / "model.safetensors"), load_file(under / "model.safetensors")
+    assert before.keys() == after.keys() and not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_under_none_is_plain_training(tmp_path: Path) -> None:
+    config = toy.ToyConfig(layers=1, dim=32, heads=2, batch_size=4, warmup=1)
+    plain = toy.train(16, tmp_path / "a", steps=2, config=config, threads=1, progress=False)
+    none = toy.train(16, tmp_path / "b", steps=2, config=config, rope="none", threads=1, progress=False)
+    for name in ("model.safetensors", "config.json"):
+        assert (plain / name).read_bytes() == (none / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("leaky-rerope:k=0", ["k=0 is not valid", "> 0"]),
+    ("leaky-rerope:k=-2", ["k=-2 is not valid", "> 0"]),
+    ("dynamic-ntk:factor=4", ["dynamic-ntk depends on the length of each forward", "--context 16"]),
+    ("pi", ["give factor=…", "no target length"]),
+    ("ropy", ["unknown RoPE variant 'ropy'"]),
+])
+def test_train_refuses_specs_that_cannot_train_in_one_line(tmp_path: Path, spec: str, words: list[str]) -> None:
+    out = tmp_path / "never"
+    result = runner.invoke(toy.toy_app, ["train", "--context", "16", "--out", str(out), "--steps", "1", *TINY,
+                                         "--rope", spec], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and result.output.startswith("Error:") and result.output.count("\n") == 1
+    for word in words:
+        assert word in result.output
+    assert not out.exists(), "refused before any work"
+
+
+def test_heldout_corpus_is_the_text_training_never_sees() -> None:
+    from pydoc_data.topics import topics
+
+    from lctx import data, evals
+
+    train_text, held_out = toy.corpus()
+    corpus = data.corpus("pydoc-heldout")
+    parts = [doc.text for doc in corpus.documents(32)]
+    assert len(parts) == 32 and "".join(parts) == held_out and len({len(p) for p in parts[:-1]}) == 1
+    assert train_text + held_out == "".join(topics[key] for key in sorted(topics))
+    assert "never trained on" in corpus.describe(32)
+    (ppl,) = evals.resolve(["ppl:data=pydoc-heldout"])
+    assert ppl.identity()["data"] == "pydoc-heldout"

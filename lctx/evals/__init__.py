@@ -143,8 +143,9 @@ def samples_param(default: int | None, what: str) -> Param:
 
 SEED = Param("seed", int, 0, "seed of the prompts' random choices (keys, filler offsets, needles)", ge=0)
 CHAT_TEMPLATE = Param("chat_template", bool, False, "wrap the prompt in the tokenizer's chat template")
-DATA = Param("data", str, "pydoc", "corpus: pydoc (the Python reference manual, offline), a .txt file, a directory "
-             "of .txt files, a .jsonl file, or hf:NAME[:config][:split] (a hub dataset)")
+DATA = Param("data", str, "pydoc", "corpus: pydoc (the Python reference manual, offline), pydoc-heldout (its last "
+             "10%, which lctx toy train never trains on), a .txt file, a directory of .txt files, a .jsonl file, or "
+             "hf:NAME[:config][:split] (a hub dataset)")
 TEXT_FIELD = Param("text_field", str, "text", "text field of a .jsonl corpus or hub dataset", identity=False)
 DEPTHS = Param("depths", list[float], [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths in [0, 1] (0 = start of the "
                "context, 1 = end): one cell per depth", ge=0, le=1, identity=False)

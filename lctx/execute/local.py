@@ -96,7 +96,9 @@ def manifest(options: RunOptions, run_id: str, the_plan: Plan) -> dict[str, Any]
         "dtype": the_plan.units[0].base["dtype"] if the_plan.units else options.dtype, "attn": options.attn,
         "device_map": options.device_map, "shard": list(options.shard) if options.shard else None,
         "torch_initial_seed": torch.initial_seed(),
-        "models": [{"model": m, "train_len": n} for m, n in the_plan.train_lens.items()],
+        "models": [{"model": m, "train_len": n, **({"train_rope": the_plan.train_ropes[m]}
+                                                    if m in the_plan.train_ropes else {})}
+                   for m, n in the_plan.train_lens.items()],
         "tasks": [task.spec for task in the_plan.tasks], "options": opts,
         "records": str(results.Store(options.out, options.shard).path),
     }
@@ -300,8 +302,9 @@ class Runner:
                     finished += sum(len(u.cells) for u in units)
                     continue
                 self.device = device = ready.loaded.device
+                trained_under = f", trained under {ready.loaded.train_rope}" if ready.loaded.train_rope else ""
                 self.console.print(f"loaded {model} on {device} ({str(ready.loaded.dtype).removeprefix('torch.')}, "
-                                   f"{self.options.attn}, training length {ready.loaded.train_len}) in "
+                                   f"{self.options.attn}, training length {ready.loaded.train_len}{trained_under}) in "
                                    f"{ready.seconds:.1f} s")
                 if model not in checked:
                     compute.check(ready.engine, units)

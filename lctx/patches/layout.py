@@ -52,12 +52,14 @@ class Layout:
         """x (…, D) rotated by angles whose cos/sin (broadcastable to …, pairs) are given; other dims copied.
 
         Written on the two components (x1·cos − x2·sin, x2·cos + x1·sin) into one new tensor, without
-        rotate_half's copies.
+        rotate_half's copies; under autograd (which cannot record ``out=``) assembled from the pieces instead.
         """
-        out = torch.empty_like(x)
-        (x1, x2), (o1, o2) = self.split(x), self.split(out)
         if self.direction < 0:
             sin = -sin
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, cos, sin)):
+            return self._rotate_differentiable(x, cos, sin)
+        out = torch.empty_like(x)
+        (x1, x2), (o1, o2) = self.split(x), self.split(out)
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
         torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
         end = self.offset + 2 * self.pairs
@@ -66,6 +68,14 @@ class Layout:
         if end < x.shape[-1]:
             out[..., end:] = x[..., end:]
         return out
+
+    def _rotate_differentiable(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:meth:`rotate` without in-place writes (``sin`` already signed by the direction)."""
+        x1, x2 = self.split(x)
+        r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        end = self.offset + 2 * self.pairs
+        pairs = torch.stack([r1, r2], dim=-1).flatten(-2) if self.interleaved else torch.cat([r1, r2], dim=-1)
+        return torch.cat([x[..., :self.offset], pairs, x[..., end:]], dim=-1)
 
 
 def _candidates(rotary_list: list[Rotary], head_dim: int) -> list[Layout]:

@@ -56,8 +56,11 @@ def changed_layer(model: nn.Module, module: nn.Module, layers: str | None) -> bo
 
 
 def naive_logits(model: nn.Module, ids: torch.Tensor, name: str, params: Mapping[str, Any],
-                 train_len: int) -> torch.Tensor:
-    """Logits (1, T, vocab) of ``model`` under variant ``name`` with resolved ``params``, for ids (1, T)."""
+                 train_len: int, *, grad: bool = False) -> torch.Tensor:
+    """Logits (1, T, vocab) of ``model`` under variant ``name`` with resolved ``params``, for ids (1, T).
+
+    ``grad``: record autograd, so the gradient of a loss on them is the reference for training under the variant.
+    """
     length = ids.shape[1]
     device = ids.device
     i = torch.arange(length, device=device)[:, None]
@@ -86,7 +89,7 @@ def naive_logits(model: nn.Module, ids: torch.Tensor, name: str, params: Mapping
     try:
         for c in configs:  # eager: its masks are explicit (SDPA's may be None, leaving causality to the kernel)
             c._attn_implementation_internal = "eager"
-        with torch.no_grad(), override_attention(model, hook):
+        with torch.set_grad_enabled(grad), override_attention(model, hook):
             logits = model(input_ids=batch, position_ids=positions, attention_mask=torch.ones_like(batch),
                            use_cache=False).logits
     finally:

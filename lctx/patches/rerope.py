@@ -1,10 +1,11 @@
 """The attention family: ReRoPE, Leaky ReRoPE and SelfExtend, exact and memory-linear, with cached decoding.
 
 Each variant maps the query–key distance r = i − j to an effective relative position: r itself inside the
-window (r < w), something bounded or compressed beyond it. Since R(a)q · R(b)k depends only on b − a, the far
-part is "query rotated at fq(i), key rotated at gk(j)" and the near part is ordinary RoPE, so each part is a
-plain attention over a band of keys. Both parts run per chunk of query rows through a kernel that also returns
-the log-sum-exp, and are merged exactly; no length × length score matrix exists, so memory grows linearly.
+window (r < w), something bounded, compressed or (Leaky ReRoPE with k < 1, for training) stretched beyond it.
+Since R(a)q · R(b)k depends only on b − a, the far part is "query rotated at fq(i), key rotated at gk(j)" and the
+near part is ordinary RoPE, so each part is a plain attention over a band of keys. Both parts run per chunk of
+query rows through a kernel that also returns the log-sum-exp, and are merged exactly; no length × length score
+matrix exists, so memory grows linearly.
 
 While patched, the model's rotary module is called at the far key position gk(p) of each position p (ReRoPE:
 0, i.e. unrotated), so the model rotates queries and keys there in its own layout and the KV cache holds every
@@ -12,6 +13,9 @@ key as the far part reads it. Attention then rotates by differences, R(a)R(b) = 
 j − gk(j), queries by i − gk(i) (near) and fq(i) − gk(i) (far), in the layout the probe found for the module
 (:mod:`lctx.patches.layout`: halves or interleaved pairs, all of the head or its rotary part). A decoding step
 thus rotates only the keys inside the window, whatever the context length. Layers without RoPE are left alone.
+
+Under autograd (training with ``lctx toy train --rope``) every part runs materialised instead of through the
+fused kernels: their log-sum-exp carries no gradient, and the exact merge of the parts needs it.
 """
 
 from __future__ import annotations
@@ -156,7 +160,12 @@ def _segments(rows: tuple[int, int], keys: tuple[int, int],
 
 def _materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over one chunk with its scores in memory: for softcap and devices without a kernel."""
+    """Softmax attention over one chunk with its scores in memory: for softcap, devices without a kernel, autograd.
+
+    The log-sum-exp comes from the softmax, s_j − log w_j at each row's largest score (exact, and differentiable
+    through the softmax): ``torch.logsumexp`` and ``exp`` take a slow path on the masked scores (dtype min),
+    which made training under the ReRoPE family twice as slow.
+    """
     b, h, t, d = q.shape
     groups = k.shape[1]
     scores = (q.reshape(b, groups, -1, d) @ k.transpose(-1, -2)).float() * scale
@@ -165,8 +174,9 @@ def _materialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask[:, :, None]
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - lse[..., None]).to(v.dtype).view(b, groups, -1, scores.shape[-1])
+    weights = torch.softmax(scores, dim=-1)
+    lse = scores.amax(-1) - torch.log(weights.amax(-1))
+    weights = weights.to(v.dtype).view(b, groups, -1, scores.shape[-1])
     return (weights @ v).view(b, h, t, -1), lse.view(b, h, t)
 
 
@@ -190,9 +200,17 @@ def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out[..., :width], lse
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call: the fused kernels return a log-sum-exp without gradient, so they
+    would leave out the merge's dependence on it (silently wrong gradients)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) with an additive mask: (output, log-sum-exp)."""
+    if _needs_grad(q, k, v):
+        return _materialized(q, k, v, mask, scale, softcap)
     if softcap is None and q.device.type == "cpu":
         return _cpu_flash(q, k, v, mask, False, scale)
     if softcap is None and q.device.type == "cuda":
@@ -364,8 +382,10 @@ def windowed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     out = query.new_empty(batch, q_len, heads, value.shape[-1])
     cache: MaskCache = {}
     near_band, far_band = (0, min(window, reach)), (window, reach)
-    # Without a model mask or softcap, the CPU kernel's causal flag replaces every mask (see _causal_pieces).
-    mask_free = attention_mask is None and softcap is None and query.device.type == "cpu"
+    # Without a model mask or softcap, the CPU kernel's causal flag replaces every mask (see _causal_pieces);
+    # not under autograd, which needs the materialised parts (see _needs_grad).
+    mask_free = (attention_mask is None and softcap is None and query.device.type == "cpu"
+                 and not _needs_grad(query, key, value))
     chunk = min(CHUNK_SIZE, max(1, near_band[1] - 1)) if mask_free else CHUNK_SIZE
     for a in range(0, q_len, chunk):
         b = min(a + chunk, q_len)
@@ -480,8 +500,12 @@ SU = "Su 2023, 'Rectified Rotary Position Embeddings', kexue.fm/archives/9708"
 
 for _name, _family, _far, _description, _reference, _params in (
     ("rerope", "rerope", _rerope_far, "relative position capped at the window w: min(r, w)", SU, (WINDOW,)),
-    ("leaky-rerope", "rerope", _leaky_far, "beyond the window w, relative position grows k times slower: w + (r − w)/k",
-     SU, (WINDOW, Param("k", float, 16.0, "slope divisor beyond the window (1 reproduces RoPE)", ge=1))),
+    ("leaky-rerope", "rerope", _leaky_far,
+     "beyond the window w, relative position grows 1/k per token: w + (r − w)/k; k > 1 compresses (at inference), "
+     "k < 1 stretches (Su's inverse use: train with it, run plain RoPE longer)",
+     SU + "; inverse use: Su 2023, kexue.fm/archives/9728",
+     (WINDOW, Param("k", float, 16.0, "slope divisor beyond the window: far positions advance 1/k per token "
+                    "(1 reproduces RoPE, < 1 for training)", gt=0))),
     ("self-extend", "self-extend", _self_extend_far,
      "neighbour window w with plain RoPE; beyond it, grouped positions (⌊i/G⌋ + w − ⌊w/G⌋) − ⌊j/G⌋",
      "Jin et al. 2024, 'LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning' (arXiv:2401.01325)",
